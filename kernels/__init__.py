@@ -1,0 +1,1 @@
+"""Linear-memory relation-KL op (imported as ``linearard.kernels``)."""

@@ -1,0 +1,1 @@
+"""LinearARD: attention-relation distillation for RoPE-extended LLMs (no Ray imports in this package)."""
