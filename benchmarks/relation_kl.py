@@ -1,0 +1,352 @@
+"""relation_kl fwd+bwd: time and peak extra memory per backend, against a dense PyTorch baseline (T×T maps)
+and torch SDPA flash attention at the same shape; exactness of bf16 against the float64 reference first.
+Prints a table last and writes JSON.
+
+    python benchmarks/relation_kl.py            # CUDA: the issue-3 sweep (B=1, H=32, D=128, bf16, causal)
+    python benchmarks/relation_kl.py --quick    # CPU: small T, torch backend vs dense (ratios only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+try:
+    from linearard.kernels import relation_kl
+except ImportError:  # a bare checkout (the GPU box): map kernels/ to linearard.kernels by hand
+    import importlib.util
+    import types
+
+    sys.modules.setdefault("linearard", types.ModuleType("linearard")).__path__ = [str(ROOT / "linearard")]
+    spec = importlib.util.spec_from_file_location("linearard.kernels", ROOT / "kernels" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "kernels")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["linearard.kernels"] = module
+    spec.loader.exec_module(module)
+    relation_kl = module.relation_kl
+
+from reference import relation_kl_dense  # noqa: E402
+
+K = 1024
+
+
+def inputs(B, H, Hc, Hct, T, Ds, Dt, dtype, device, self_rel=False, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+    s_rows = randn(B, H, T, Ds).requires_grad_(True)
+    s_cols = s_rows if self_rel else randn(B, Hc, T, Ds).requires_grad_(True)
+    t_rows = randn(B, H, T, Dt)
+    t_cols = t_rows if self_rel else randn(B, Hct, T, Dt)
+    return s_rows, s_cols, t_rows, t_cols
+
+
+def leaves(x):
+    return [x[0]] if x[1] is x[0] else [x[0], x[1]]
+
+
+def nbytes(*tensors):
+    seen = {}
+    for t in tensors:
+        if t is not None:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, budget_s=1.0, max_reps=30):
+    """Median seconds of fn() after a warm-up (which also autotunes); CUDA events on GPU."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    once = time.perf_counter() - t0
+    reps = max(2, min(max_reps, int(budget_s / max(once, 1e-6))))
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_extra(fn, device):
+    """Peak bytes allocated above what was live before fn() (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated() - base
+
+
+def measure(name, fn, device, results, **extra):
+    row = {"case": name, **extra}
+    try:
+        row["ms"] = timed(fn, device) * 1e3
+        row["peak_extra_bytes"] = peak_extra(fn, device)
+    except torch.OutOfMemoryError:
+        row["ms"] = None
+        row["error"] = "out of memory"
+    except Exception as e:  # one failing case must not lose the rest of the run
+        row["ms"] = None
+        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    results.append(row)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def kl_step(x, backend, **kw):
+    def step():
+        for t in leaves(x):
+            t.grad = None
+        if backend == "dense":
+            relation_kl_dense(*x, **kw, compute_dtype=torch.float32).backward()
+        else:
+            relation_kl(*x, **kw, backend=backend).backward()
+    return step
+
+
+def kl_forward(x, backend, **kw):
+    def fwd():
+        with torch.no_grad():
+            relation_kl(*x, **kw, backend=backend)
+    return fwd
+
+
+def sdpa_step(B, H, Hc, T, D, device, dtype, fwd_only=False):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    q = torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hc, T, D, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hc, T, D, device=device, dtype=dtype, requires_grad=True)
+    d_out = torch.randn(B, H, T, D, device=device, dtype=dtype)
+
+    def step():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            if fwd_only:
+                with torch.no_grad():
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hc != H)
+                return
+            q.grad = k.grad = v.grad = None
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hc != H).backward(d_out)
+    return step
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def check_exact(name, backend, B, H, Hc, Hct, T, Ds, Dt, causal, padded, segmented, self_rel, device, dtype,
+                checks, seed=1):
+    """Loss and grads of `backend` in `dtype` vs the dense float64 reference on the same (rounded) inputs."""
+    x = inputs(B, H, Hc, Hct, T, Ds, Dt, dtype, device, self_rel, seed)
+    kw = dict(causal=causal)
+    if padded:
+        mask = torch.ones(B, T, dtype=torch.bool, device=device)
+        mask[0, -T // 5:] = False
+        mask[-1, : T // 7] = False
+        kw["mask"] = mask
+    if segmented:
+        g = torch.Generator(device=device).manual_seed(seed)
+        kw["segment_ids"] = torch.cumsum(torch.rand(B, T, generator=g, device=device) < 4.0 / T, dim=1)
+    loss = relation_kl(*x, **kw, backend=backend)
+    loss.backward()
+    grads = [t.grad for t in leaves(x)]
+    ref_x = [t.detach().double() for t in x]
+    ref_x[0].requires_grad_(True)
+    if self_rel:
+        ref_x[1] = ref_x[0]
+        ref_x[3] = ref_x[2]
+    else:
+        ref_x[1].requires_grad_(True)
+    ref = relation_kl_dense(*ref_x, **kw)
+    ref.backward()
+    ref_grads = [t.grad for t in leaves(ref_x)]
+    row = {"case": name, "backend": backend, "dtype": str(dtype).split(".")[-1], "T": T,
+           "loss_rel_err": rel(loss, ref), **{f"grad{i}_rel_err": rel(g, r) for i, (g, r) in
+                                             enumerate(zip(grads, ref_grads))}}
+    row["ok"] = all(v < 1e-2 for k, v in row.items() if k.endswith("rel_err")) and bool(torch.isfinite(loss))
+    checks.append(row)
+    print(json.dumps(row), flush=True)
+    del x, ref_x
+    torch.cuda.empty_cache()
+
+
+def check_tail(T, device, dtype, checks, n=64, H=32, D=128):
+    """At long T no dense map fits: check the last n rows (KL, dQ) and last n columns (dK, which only those
+    rows reach under the causal mask) and the first n rows' KL, against float64 computed for those rows only."""
+    x = inputs(1, H, H, H, T, D, D, dtype, device, seed=2)
+    kl = relation_kl(*x, reduction="none", backend="triton")
+    kl.sum().backward()
+    scale = 1 / math.sqrt(D)
+    q = x[0][:, :, -n:].detach().double().requires_grad_(True)
+    k = x[1].detach().double().requires_grad_(True)
+    qt, kt = x[2][:, :, -n:].double(), x[3].double()
+    valid = torch.arange(T, device=device)[None, :] <= torch.arange(T - n, T, device=device)[:, None]
+    lp_s = torch.where(valid, (scale * q @ k.transpose(-1, -2)).masked_fill(~valid, -math.inf).log_softmax(-1), 0)
+    lp_t = torch.where(valid, (scale * qt @ kt.transpose(-1, -2)).masked_fill(~valid, -math.inf).log_softmax(-1), 0)
+    kl_ref = torch.where(valid, lp_t.exp() * (lp_t - lp_s), 0.0).sum(-1)
+    del lp_t
+    kl_ref.sum().backward()
+    head = relation_kl_dense(*(t[:, :, :n].detach() for t in x), reduction="none")
+    row = {"case": f"tail+head rows T={T}", "backend": "triton", "dtype": str(dtype).split(".")[-1], "T": T,
+           "loss_rel_err": rel(kl[:, :, -n:], kl_ref), "head_kl_rel_err": rel(kl[:, :, :n], head),
+           "grad0_rel_err": rel(x[0].grad[:, :, -n:], q.grad),
+           "grad1_rel_err": rel(x[1].grad[:, :, -n:], k.grad[:, :, -n:])}
+    row["ok"] = all(v < 1e-2 for k_, v in row.items() if k_.endswith("rel_err"))
+    checks.append(row)
+    print(json.dumps(row), flush=True)
+    del x, q, k, qt, kt, kl_ref
+    torch.cuda.empty_cache()
+
+
+def guarded(check, *args):
+    try:
+        check(*args)
+    except Exception as e:
+        args[-1].append({"case": str(args[:2]), "backend": "?", "ok": False, "error": f"{type(e).__name__}: {e}"})
+        print(json.dumps(args[-1][-1]), flush=True)
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CPU-sized sweep")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: $OUT or benchmarks/results)")
+    parser.add_argument("--skip-checks", action="store_true")
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available() and not args.quick
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    card = torch.cuda.get_device_name().replace(" ", "-") if cuda else "cpu"
+    date = datetime.date.today().isoformat()
+    meta = {"date": date, "card": card, "torch": torch.__version__, "device": str(device), "dtype": str(dtype)}
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print(json.dumps(meta), flush=True)
+    checks, sweep, variants = [], [], []
+
+    if cuda and not args.skip_checks:
+        # name, B, H, Hc, Hct, T, Ds, Dt, causal, padded, segmented, self_rel
+        shapes = [("D128 causal", 1, 8, 8, 8, 2048, 128, 128, True, False, False, False),
+                  ("D64 GQA H/4 mask+seg odd T", 2, 8, 2, 8, 1001, 64, 64, True, True, True, False),
+                  ("D256 GQA H/8 non-causal", 1, 8, 1, 1, 777, 256, 256, False, False, False, False),
+                  ("self-relation Ds!=Dt", 1, 4, 4, 4, 1500, 128, 64, True, True, False, True)]
+        for s in shapes:
+            for backend in ("triton", "torch"):
+                guarded(check_exact, s[0], backend, *s[1:], device, dtype, checks)
+        for T in (64 * K, 128 * K):
+            guarded(check_tail, T, device, dtype, checks)
+
+    H, D = (32, 128) if cuda else (4, 64)
+    Ts = [1 * K, 2 * K, 4 * K, 8 * K, 16 * K, 32 * K, 64 * K, 128 * K] if cuda else [256, 512, 1 * K, 2 * K]
+    for T in Ts:
+        x = inputs(1, H, H, H, T, D, D, dtype, device)
+        in_bytes = nbytes(*x)
+        if cuda:
+            measure("sdpa-flash", sdpa_step(1, H, H, T, D, device, dtype), device, sweep, T=T)
+            measure("sdpa-flash fwd", sdpa_step(1, H, H, T, D, device, dtype, True), device, sweep, T=T)
+            measure("triton", kl_step(x, "triton"), device, sweep, T=T, input_bytes=in_bytes)
+            measure("triton fwd", kl_forward(x, "triton"), device, sweep, T=T, input_bytes=in_bytes)
+        if T <= (16 * K if cuda else 2 * K):
+            measure("torch", kl_step(x, "torch"), device, sweep, T=T, input_bytes=in_bytes)
+        if T <= (8 * K if cuda else 1 * K):
+            measure("dense", kl_step(x, "dense"), device, sweep, T=T, input_bytes=in_bytes)
+        del x
+
+    if cuda:  # other head sizes, GQA, masks, self-relations at 8K
+        T = 8 * K
+        for name, Hc, Ds, self_rel, masked in [("D=64", 32, 64, False, False), ("D=256", 32, 256, False, False),
+                                               ("GQA Hc=H/4", 8, 128, False, False),
+                                               ("GQA Hc=H/8", 4, 128, False, False),
+                                               ("mask+segments", 32, 128, False, True),
+                                               ("self-relation", 32, 128, True, False)]:
+            x = inputs(1, 32, Hc, Hc, T, Ds, Ds, dtype, device, self_rel)
+            kw = {}
+            if masked:
+                mask = torch.ones(1, T, dtype=torch.bool, device=device)
+                mask[:, -T // 8:] = False
+                kw = dict(mask=mask, segment_ids=torch.arange(T, device=device)[None] // (T // 4))
+            sd = measure(f"sdpa-flash {name}", sdpa_step(1, 32, Hc, T, Ds, device, dtype), device, variants, T=T)
+            tr = measure(f"triton {name}", kl_step(x, "triton", **kw), device, variants, T=T,
+                         input_bytes=nbytes(*x))
+            if sd.get("ms") and tr.get("ms"):
+                tr["ratio_vs_sdpa"] = tr["ms"] / sd["ms"]
+            del x
+
+    out = args.out
+    if out is None:
+        out = Path(os.environ["OUT"]) / "relation_kl.json" if os.environ.get("OUT") else \
+            ROOT / "benchmarks" / "results" / f"relation_kl-{date}-{card}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "checks": checks, "sweep": sweep, "variants": variants}, indent=1))
+
+    def ms(case, T):
+        r = next((r for r in sweep if r["case"] == case and r["T"] == T), None)
+        return None if r is None else r.get("ms")
+
+    def mem(case, T):
+        r = next((r for r in sweep if r["case"] == case and r["T"] == T), None)
+        return None if r is None or not r.get("peak_extra_bytes") else r["peak_extra_bytes"] / r["input_bytes"]
+
+    def f(v, fmt="{:.2f}"):
+        return "-" if v is None else fmt.format(v)
+
+    print(f"\n{meta}")
+    if checks:
+        print("\nexactness (rel err vs float64):")
+        for c in checks:
+            errs = " ".join(f"{k.replace('_rel_err', '')}={v:.1e}" for k, v in c.items() if k.endswith("rel_err"))
+            print(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['backend']:6s} {c['case']:32s} {errs} {c.get('error', '')}")
+    print(f"\nfwd+bwd ms, B=1 H={H} D={D} {str(dtype).split('.')[-1]} causal (ratio = triton / sdpa-flash; "
+          "mem = peak extra / inputs)")
+    print(f"{'T':>7} {'sdpa':>8} {'triton':>9} {'ratio':>6} {'tr.mem':>6} {'tr.fwd':>8} {'sd.fwd':>8} "
+          f"{'torch':>9} {'t.mem':>6} {'dense':>9} {'d.mem':>6}")
+    for T in Ts:
+        sd, tr = ms("sdpa-flash", T), ms("triton", T)
+        print(f"{T:>7} {f(sd):>8} {f(tr):>9} {f(tr / sd if sd and tr else None):>6} {f(mem('triton', T)):>6} "
+              f"{f(ms('triton fwd', T)):>8} {f(ms('sdpa-flash fwd', T)):>8} {f(ms('torch', T)):>9} "
+              f"{f(mem('torch', T)):>6} {f(ms('dense', T)):>9} {f(mem('dense', T)):>6}")
+    if variants:
+        print("\nT=8K variants (ms):")
+        for r in variants:
+            print(f"  {r['case']:28s} {f(r.get('ms')):>8} {f(r.get('ratio_vs_sdpa')):>6}")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

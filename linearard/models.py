@@ -1,0 +1,115 @@
+"""Teacher and student construction, and the merged long-context checkpoint at the end.
+
+teacher: the original model, native RoPE, frozen (no grads, eval mode).
+student: the same weights with scaled ``rope_parameters`` (``linearard.rope``); what trains is LoRA on q/k/v
+(PEFT), the full q/k/v projections, or the whole model. Both use the ``"linearard"`` attention so their
+post-RoPE Q/K/V can be tapped.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from linearard.capture import ATTN_IMPLEMENTATION
+from linearard.config import LoraConfig, ModelConfig
+from linearard.rope import scaled_config
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_teacher_config(name_or_path: str, revision: str | None = None,
+                        trust_remote_code: bool = False) -> PretrainedConfig:
+    """The teacher's transformers config (cheap: reads config.json only)."""
+    return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def _load(cfg: ModelConfig, config: PretrainedConfig, device: torch.device | str | None) -> nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.teacher, config=config, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+        dtype=_DTYPES[cfg.dtype], attn_implementation=ATTN_IMPLEMENTATION)
+    return model.to(device) if device is not None else model
+
+
+def build_teacher_student(model_cfg: ModelConfig, lora_cfg: LoraConfig,
+                          device: torch.device | str | None = None) -> tuple[nn.Module, nn.Module, Any]:
+    """Load ``(teacher, student, tokenizer)`` from ``model_cfg.teacher`` (local path or hub id).
+
+    The teacher is frozen in eval mode with the native RoPE. The student has the scaled ``rope_parameters``
+    and ``max_position_embeddings`` of ``model_cfg.rope``, is in train mode, and has only the parameters of
+    ``model_cfg.trainable`` trainable (a ``peft.PeftModel`` for "lora"). Seed first (``transformers.set_seed``)
+    for a reproducible LoRA init.
+    """
+    teacher_config = load_teacher_config(model_cfg.teacher, model_cfg.revision, model_cfg.trust_remote_code)
+    teacher = _load(model_cfg, teacher_config, device)
+    teacher.requires_grad_(False)
+    teacher.eval()
+
+    student = _load(model_cfg, scaled_config(teacher_config, model_cfg.rope), device)
+    if model_cfg.gradient_checkpointing:
+        # Non-reentrant: the recompute re-runs the attention tap, which then skips recording (see losses.py).
+        enable = getattr(student, "activation_checkpointing_enable", None)  # its name since transformers 5.2x
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student = make_trainable(student, model_cfg.trainable, lora_cfg)
+    student.train()
+
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or model_cfg.teacher, revision=model_cfg.revision,
+                                              trust_remote_code=model_cfg.trust_remote_code)
+    return teacher, student, tokenizer
+
+
+def make_trainable(model: nn.Module, trainable: str, lora_cfg: LoraConfig) -> nn.Module:
+    """Mark what trains: "lora" (returns a PEFT model), "qkv" (the target projections' own weights) or "full"."""
+    if trainable == "lora":
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+        peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                                  target_modules=list(lora_cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+        return get_peft_model(model, peft_cfg)
+    if trainable == "qkv":
+        model.requires_grad_(False)
+        targets = set(lora_cfg.target_modules)
+        hits = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets]
+        if not hits:
+            raise ValueError(f"no modules named {sorted(targets)} in {type(model).__name__}")
+        for module in hits:
+            module.requires_grad_(True)
+        return model
+    if trainable == "full":
+        model.requires_grad_(True)
+        return model
+    raise ValueError(f"trainable must be one of lora, qkv, full (got {trainable!r})")
+
+
+def merged_model(student: nn.Module) -> nn.Module:
+    """The student as a plain transformers model: LoRA merged into the weights (in place) for a PEFT model."""
+    from peft import PeftModel
+
+    return student.merge_and_unload() if isinstance(student, PeftModel) else student
+
+
+def save_merged(student: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
+    """Write a plain HF checkpoint (safetensors + tokenizer) of the student, LoRA merged in.
+
+    Its config carries the student's ``rope_parameters``, so ``AutoModelForCausalLM.from_pretrained(out_dir)``
+    is the restored long-context model. Merging is in place: the student is no longer a PEFT model afterwards.
+    The folder is written next to ``out_dir`` first and moved into place, so a failure leaves nothing half-written.
+    """
+    out_dir = Path(out_dir)
+    model = merged_model(student)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir

@@ -1,0 +1,207 @@
+"""Ray Data: stream long documents, tokenise them and cut them into training blocks.
+
+Documents come from a Hugging Face dataset by name (read streaming, PG19 for real models) or from local
+``.jsonl[.gz]`` / ``.json`` / ``.parquet`` / ``.txt`` files and folders (a ``.txt`` file is one document).
+Nothing is read whole into memory: Ray Data streams blocks from the source through a tokenising
+``map_batches`` stage (one tokenizer per actor, loaded once) straight to the Ray Train workers
+(``get_dataset_shard``), with back-pressure. Shuffling is seeded and streaming-friendly: the file order is
+shuffled at read time and the workers draw from a local shuffle buffer
+(``iter_torch_batches(local_shuffle_buffer_size=..., local_shuffle_seed=...)``) instead
+of a global all-to-all shuffle that would have to see the whole corpus.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import ray.data
+
+from linearard.config import ConfigError, RunConfig
+from linearard.data import PACK_MODES, is_heldout, make_blocks
+
+# File kind -> suffixes Ray Data reads it from (compressed files are detected by pyarrow from the suffix).
+_SUFFIXES = {
+    "json": (".jsonl", ".json", ".jsonl.gz", ".json.gz"),
+    "parquet": (".parquet",),
+    "text": (".txt", ".txt.gz"),
+}
+
+
+def is_local_source(source: str) -> bool:
+    """A source is local when it names an existing path (or looks like one); otherwise it is a hub dataset."""
+    return os.path.exists(source) or source.startswith((".", "/", "~")) or source.endswith(
+        tuple(s for suffixes in _SUFFIXES.values() for s in suffixes)
+    )
+
+
+def check_source(source: str) -> None:
+    """Fail early, with a ``ConfigError``, on a data source that cannot be read (before any work starts)."""
+    if is_local_source(source):
+        if not Path(source).expanduser().exists():
+            raise ConfigError(f"data.source: no such file or folder {source!r}")
+    else:
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"data.source: {source!r} is a hub dataset, which needs the `datasets` package "
+                "(pip install datasets); or give a local .jsonl/.parquet/.txt path"
+            ) from None
+
+
+def training_blocks(cfg: RunConfig) -> ray.data.Dataset:
+    """The training stream of ``cfg``: documents outside the held-out split, cut into ``data.ctx_len`` blocks."""
+    data = cfg.data
+    fraction = data.eval_fraction
+    documents = read_documents(
+        data.source, text_field=data.text_field, seed=data.shuffle_seed, max_documents=data.max_documents
+    )
+    if fraction > 0:
+        documents = documents.filter(lambda row: not is_heldout(row["text"], fraction))
+    return block_dataset(
+        documents,
+        tokenizer=cfg.model.tokenizer or cfg.model.teacher,
+        ctx_len=data.ctx_len,
+        mode=data.mode,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+
+
+def heldout_texts(cfg: RunConfig, max_documents: int = 64) -> list[str]:
+    """Up to ``max_documents`` texts of the held-out split (for evaluation); empty if ``eval_fraction`` is 0."""
+    fraction = cfg.data.eval_fraction
+    if fraction <= 0:
+        return []
+    documents = read_documents(cfg.data.source, text_field=cfg.data.text_field)
+    rows = documents.filter(lambda row: is_heldout(row["text"], fraction)).limit(max_documents).take_all()
+    return [row["text"] for row in rows]
+
+
+def read_documents(
+    source: str,
+    *,
+    split: str = "train",
+    text_field: str = "text",
+    seed: int | None = None,
+    max_documents: int | None = None,
+) -> ray.data.Dataset:
+    """A dataset with one row per document and a single ``text`` column.
+
+    ``source`` is a local file or folder, or a Hugging Face dataset name (e.g. ``"emozilla/pg19"``), read
+    with ``datasets.load_dataset(..., streaming=True)``. ``seed`` shuffles the file order (local files).
+    """
+    if is_local_source(source):
+        ds = _read_local(Path(source).expanduser(), text_field, seed)
+    else:
+        ds = _read_hub(source, split, text_field)
+    return ds.limit(max_documents) if max_documents else ds
+
+
+def block_dataset(
+    documents: ray.data.Dataset,
+    *,
+    tokenizer: str,
+    ctx_len: int,
+    mode: str = "per_document",
+    documents_per_batch: int = 8,
+    trust_remote_code: bool = False,
+    concurrency: int = 1,
+) -> ray.data.Dataset:
+    """Tokenise and cut documents into ``ctx_len`` blocks (see :mod:`linearard.data` for the two modes).
+
+    Rows: ``input_ids int64[ctx_len]``, ``doc_index`` and, when packed, ``segment_ids int64[ctx_len]``.
+    ``documents_per_batch`` documents are tokenised together; in packed mode they are also the group that is
+    packed, so the tail dropped per group is under ``ctx_len`` tokens.
+    """
+    if mode not in PACK_MODES:
+        raise ValueError(f"unknown pack mode {mode!r}; expected one of {PACK_MODES}")
+    return documents.map_batches(
+        _Blocker,
+        fn_constructor_kwargs={
+            "tokenizer": tokenizer,
+            "ctx_len": ctx_len,
+            "mode": mode,
+            "trust_remote_code": trust_remote_code,
+        },
+        batch_size=documents_per_batch,
+        batch_format="numpy",
+        concurrency=concurrency,
+    )
+
+
+class _Blocker:
+    """``map_batches`` callable: loads the tokenizer once per actor, then turns document batches into blocks."""
+
+    def __init__(self, tokenizer: str, ctx_len: int, mode: str, trust_remote_code: bool) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
+        self.ctx_len, self.mode = ctx_len, mode
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        blocks = make_blocks([str(t) for t in batch["text"]], self.tokenizer, self.ctx_len, self.mode)
+        if len(blocks["input_ids"]):  # documents shorter than a block give nothing (not an empty table)
+            yield blocks
+
+
+def _read_local(path: Path, text_field: str, seed: int | None) -> ray.data.Dataset:
+    if not path.exists():
+        raise FileNotFoundError(f"data source not found: {path}")
+    files = sorted(str(p) for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
+    by_kind: dict[str, list[str]] = {kind: [] for kind in _SUFFIXES}
+    for f in files:
+        kind = next((k for k, suffixes in _SUFFIXES.items() if f.endswith(suffixes)), None)
+        if kind:
+            by_kind[kind].append(f)
+    if not any(by_kind.values()):
+        raise ValueError(f"no .jsonl/.json/.parquet/.txt files under {path}")
+    shuffle = ray.data.FileShuffleConfig(seed=seed) if seed is not None else None
+    parts = []
+    if by_kind["json"]:
+        # JSON_FILE_EXTENSIONS would skip .jsonl.gz's "gz" suffix check, so we pass the files ourselves.
+        ds = ray.data.read_json(by_kind["json"], lines=True, shuffle=shuffle, file_extensions=None)
+        parts.append(_text_column(ds, text_field))
+    if by_kind["parquet"]:
+        ds = ray.data.read_parquet(by_kind["parquet"], shuffle=shuffle)
+        parts.append(_text_column(ds, text_field))
+    if by_kind["text"]:
+        ds = ray.data.read_binary_files(by_kind["text"], shuffle=shuffle, file_extensions=None)
+        parts.append(ds.map_batches(_decode_text, batch_format="numpy"))  # one file = one document
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+def _read_hub(name: str, split: str, text_field: str) -> ray.data.Dataset:
+    try:
+        import datasets
+    except ImportError as e:  # optional: only hub sources need it
+        raise ImportError(
+            f"reading the hub dataset {name!r} needs the `datasets` package (pip install datasets), "
+            "or pass a local .jsonl/.parquet/.txt path"
+        ) from e
+    stream = datasets.load_dataset(name, split=split, streaming=True)
+    return _text_column(ray.data.from_huggingface(stream), text_field)
+
+
+def _text_column(ds: ray.data.Dataset, text_field: str) -> ray.data.Dataset:
+    # Arrow out whatever the reader made (read_json(lines=True) gives pandas blocks): a union of sources, and
+    # the tokenising stage after it, need one block type.
+    return ds.map_batches(_select_text, fn_kwargs={"field": text_field}, batch_format="pyarrow")
+
+
+def _select_text(batch: Any, field: str) -> Any:
+    import pyarrow as pa
+
+    if field not in batch.column_names:
+        raise KeyError(f"the documents have no {field!r} field (data.text_field); fields: {batch.column_names}")
+    return pa.table({"text": batch[field].cast(pa.large_string())})
+
+
+def _decode_text(batch: dict[str, Any]) -> Any:
+    import pyarrow as pa
+
+    return pa.table({"text": pa.array([bytes(b).decode("utf-8", errors="replace") for b in batch["bytes"]],
+                                      type=pa.large_string())})

@@ -1,0 +1,122 @@
+"""The evaluation job: teacher vs scaled vs restored on held-out text, and the merged restored checkpoint.
+
+``evaluate_restore`` is plain PyTorch (one process, one device): it builds the teacher and a fresh student
+(scaled RoPE, LoRA at its zero init, i.e. exactly the scaled model), measures both, loads the trained weights
+of a checkpoint into the student, measures it again, writes the report (``linearard.evaluate``: json, md,
+PNG plots) and saves the merged student as a plain HF checkpoint. The restore job runs it as a Ray task on
+one GPU (or CPU); ``linearard evaluate --config X --checkpoint DIR`` runs it on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from linearard.config import ConfigError, RunConfig
+from linearard.evaluate import EvalConfig, evaluate_models, write_report
+from linearard.models import build_teacher_student, save_merged
+from linearard.train import seed_everything
+
+
+def eval_config(cfg: RunConfig) -> EvalConfig:
+    """The run config's ``eval`` section in ``linearard.evaluate`` terms (lengths are multiples of ctx_len)."""
+    n = cfg.data.ctx_len
+    bad = [length for length in cfg.eval.lengths if length % n]
+    if bad:
+        raise ConfigError(f"eval.lengths: {bad} are not multiples of data.ctx_len {n}")
+    return EvalConfig(
+        ctx_len=n,
+        length_multipliers=tuple(length // n for length in cfg.eval.lengths),
+        ppl_tokens=cfg.eval.batches * cfg.eval.batch_size * n,
+        batch_size=cfg.eval.batch_size,
+        passkey_trials=cfg.eval.passkey_trials,
+        seed=cfg.train.seed,
+    )
+
+
+def evaluate_restore(
+    cfg: RunConfig, checkpoint_dir: str | Path | None, texts: list[str], out_dir: str | Path
+) -> dict[str, Any]:
+    """Evaluate teacher, scaled and (with ``checkpoint_dir``) restored; write ``out_dir/report`` and, with a
+    checkpoint, the merged model to ``out_dir/model``. Returns the report dict."""
+    out_dir = Path(out_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seed_everything(cfg.train.seed)
+    teacher, student, tokenizer = build_teacher_student(cfg.model, cfg.lora, device)
+    models = {"teacher": teacher, "scaled": student}
+    report = None
+    if texts:
+        report = evaluate_models(models, tokenizer, texts, eval_config(cfg))
+    if checkpoint_dir is not None:
+        load_trainable(student, Path(checkpoint_dir) / "trainable.safetensors")
+        if texts:
+            restored = evaluate_models({"restored": student}, tokenizer, texts, eval_config(cfg))
+            report = _merge_reports(report, restored)
+        save_merged(student, tokenizer, out_dir / "model")
+    if report is not None:
+        write_report(report, out_dir / "report")
+    return report or {}
+
+
+def load_trainable(student: torch.nn.Module, path: Path) -> None:
+    """Load the trainable weights of a Trainer checkpoint into a freshly built student (same names)."""
+    missing_in_model = set(load_file(path)) - set(student.state_dict())
+    if missing_in_model:
+        raise ValueError(f"checkpoint weights do not fit the student: e.g. {sorted(missing_in_model)[0]!r}")
+    student.load_state_dict(load_file(path), strict=False)
+
+
+def _merge_reports(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Add the models of ``extra`` to ``base`` and recompute the gap recovery (same texts, same config)."""
+    from linearard.evaluate import gap_recovery
+
+    for key in ("ppl", "short_ppl", "long_ppl", "passkey", "passkey_grid", "lm_eval"):
+        if key in extra:
+            base.setdefault(key, {}).update(extra[key])
+    base["models"] = list(base["models"]) + list(extra["models"])
+    short = base["short_ppl"]
+    base["gap_recovery"] = gap_recovery(short["teacher"], short["scaled"], short["restored"])
+    return base
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``linearard evaluate --config X.yaml [--checkpoint DIR] [--output DIR] [--key value ...]``."""
+    parser = argparse.ArgumentParser(prog="linearard evaluate", allow_abbrev=False, description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="run config YAML (defaults: the bundled tiny model and corpus)")
+    parser.add_argument("--checkpoint", help="a training checkpoint folder (trainable.safetensors, ...)")
+    parser.add_argument("--output", help="where report/ and model/ go (default: train.output_dir)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = RunConfig.from_yaml(args.config, overrides)
+        if args.checkpoint and not (Path(args.checkpoint) / "trainable.safetensors").exists():
+            raise ConfigError(f"--checkpoint: no trainable.safetensors in {args.checkpoint!r}")
+        eval_config(cfg)
+        from pipelines.data import check_source, heldout_texts
+        from pipelines.restore import init_ray
+
+        check_source(cfg.data.source)
+        init_ray(cfg)
+        texts = heldout_texts(cfg)
+        report = evaluate_restore(cfg, args.checkpoint, texts, args.output or cfg.train.output_dir)
+    except ConfigError as err:
+        print(f"linearard evaluate: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - one line for the user, the traceback is in the logs
+        print(f"linearard evaluate: error: {type(err).__name__}: {_first_line(err)}", file=sys.stderr)
+        return 1
+    print(f"short-text perplexity: {report.get('short_ppl')}, gap recovery: {report.get('gap_recovery')}")
+    return 0
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

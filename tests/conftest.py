@@ -1,0 +1,233 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# ------------------------------------------------------------------------------ tiny random models (model side)
+# family -> (config class name, extra kwargs). All have GQA (4 query heads over 2 KV heads) and 2 layers.
+TINY_FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {"use_sliding_window": False}),
+    "qwen3": ("Qwen3Config", {"use_sliding_window": False}),
+}
+TINY_VOCAB = 64
+TINY_WINDOW = 64  # native max_position_embeddings
+
+
+def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
+    """Save a random tiny causal LM of ``family`` (GQA, 2 layers, window 64) with a word-level tokenizer."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    class_name, extra = TINY_FAMILIES[family]
+    config = getattr(transformers, class_name)(
+        vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=TINY_WINDOW, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **extra)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # default init is tiny (std 0.02): widen it so attention maps are far from uniform
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    model.save_pretrained(out_dir)
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, TINY_VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>",
+                            pad_token="<eos>").save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(family="llama") -> Path`` of a saved random tiny model (built once per session)."""
+    built: dict[str, Path] = {}
+
+    def get(family: str = "llama") -> Path:
+        if family not in built:
+            built[family] = build_tiny_model(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return built[family]
+
+    return get
+
+
+# ------------------------------------------------------------------ pipelines: a local Ray head and an MLflow server
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float, headers: dict[str, str] | None = None) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2):
+                return
+        except OSError:
+            if time.time() > deadline:
+                raise TimeoutError(f"nothing answered at {url} within {timeout:.0f}s") from None
+            time.sleep(0.5)
+
+
+def _stop_group(process) -> None:
+    """Stop a process we started (and only its own process group)."""
+    import os
+    import signal
+    import subprocess
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _wait_job_agent(dashboard: str, timeout: float = 120) -> None:
+    """The dashboard answers before its job agent is up: wait until a trivial job is accepted and succeeds."""
+    import time
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            job = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if time.time() > deadline:
+            raise TimeoutError("the Ray job agent did not run a trivial job")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A local Ray head with token authentication, shared by the session (`ray start --head --block`).
+
+    The token comes from `ray get-auth-token --generate` (run with a temporary HOME, so the user's ~/.ray is not
+    touched). For the session, os.environ gets RAY_ADDRESS, RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, so drivers
+    (`ray.init()`, `python -m pipelines.restore`, `ray job submit`) join this cluster. Yields
+    ``{"address", "dashboard", "token"}``; the head and everything it started are stopped at the end.
+    """
+    import os
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    home = tmp_path_factory.mktemp("ray-home")
+    token = subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], env={**os.environ, "HOME": str(home)},
+                           capture_output=True, text=True, check=True).stdout.strip()
+    port, dashboard_port = _free_port(), _free_port()
+    env_updates = {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_ADDRESS": f"127.0.0.1:{port}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # the job driver finds `linearard`, `python`
+    }
+    saved = {k: os.environ.get(k) for k in env_updates}
+    os.environ.update(env_updates)
+    temp_dir = Path(f"/tmp/lard-ray-{os.getpid()}")  # short: Ray's unix sockets live under it
+    log = open(tmp_path_factory.mktemp("ray-log") / "head.log", "w")
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=6",
+         "--object-store-memory=400000000", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # Ports that default to fixed numbers: free ones, so another Ray on this machine cannot collide.
+         *(f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "runtime-env-agent-port", "metrics-export-port",
+                                                   "ray-client-server-port"))],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})  # stop at once at the end (no Serve)
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        _wait_http(f"{dashboard}/api/version", 120, {"Authorization": f"Bearer {token}"})
+        _wait_job_agent(dashboard)
+        yield {"address": env_updates["RAY_ADDRESS"], "dashboard": dashboard, "token": token}
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        _stop_group(head)
+        log.close()
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_driver(ray_cluster):
+    """This test process connected to the session's Ray cluster as a driver."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster["address"], logging_level="WARNING", log_to_driver=False)
+    return ray_cluster
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend (so the Model Registry works) and served
+    artifacts, shared by the session. Yields its tracking URI."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # No background job runner (a pool of huey consumers we do not use, on a 2-core machine).
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{uri}/health", 120)
+        yield uri
+    finally:
+        _stop_group(server)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def word_corpus(tmp_path_factory) -> Path:
+    """A jsonl corpus in the `tiny_model` tokenizer's words (40 documents of 40-200 words, seeded)."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("word-corpus") / "corpus.jsonl"
+    with open(path, "w") as f:
+        for _ in range(40):
+            words = [f"w{rng.randint(2, TINY_VOCAB - 1)}" for _ in range(rng.randint(40, 200))]
+            f.write(json.dumps({"text": " ".join(words)}) + "\n")
+    return path

@@ -1,0 +1,130 @@
+"""Evaluation on the bundled tiny model: perplexity against a hand computation, the scaled-RoPE damage, passkey
+retrieval, the report files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from linearard.evaluate import (EvalConfig, evaluate_models, gap_recovery, lm_eval_scores, passkey_accuracy,
+                                passkey_example, perplexity, text_blocks, write_report)
+from linearard.rope import scaled_config
+from linearard.tiny import bundled_corpus, bundled_model_path
+
+N = 256  # the bundled model's native context
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(bundled_model_path())
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return AutoModelForCausalLM.from_pretrained(bundled_model_path(), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def scaled():
+    config = scaled_config(AutoConfig.from_pretrained(bundled_model_path()), "linear:4")
+    return AutoModelForCausalLM.from_pretrained(bundled_model_path(), config=config, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def eval_texts():
+    return bundled_corpus("eval")
+
+
+def test_perplexity_is_exp_of_mean_token_nll(teacher, tokenizer, eval_texts):
+    blocks = text_blocks(eval_texts, tokenizer, 64, max_blocks=5)
+    assert blocks.shape == (5, 64)
+    nll = []
+    with torch.no_grad():
+        for block in blocks:  # one block at a time, float64 log-softmax, gather: a different route from the op
+            logp = teacher(input_ids=block[None]).logits[0].double().log_softmax(-1)
+            nll += (-logp[:-1].gather(-1, block[1:, None])).flatten().tolist()
+    assert len(nll) == 5 * 63
+    assert perplexity(teacher, blocks, batch_size=2) == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+
+
+def test_scaling_rope_x4_hurts_the_bundled_model_at_native_length(teacher, scaled, tokenizer, eval_texts):
+    blocks = text_blocks(eval_texts, tokenizer, N, max_blocks=8)
+    ppl_teacher, ppl_scaled = perplexity(teacher, blocks), perplexity(scaled, blocks)
+    assert ppl_teacher < 3.0, "the bundled model should predict held-out stdlib code well"
+    assert ppl_scaled > 5 * ppl_teacher, (ppl_teacher, ppl_scaled)
+
+
+def test_passkey_teacher_retrieves_at_native_length(teacher, tokenizer):
+    grid = passkey_accuracy(teacher, tokenizer, lengths=[N], depths=[0.0, 0.5, 1.0], trials=3, seed=1)
+    assert set(grid) == {N} and set(grid[N]) == {0.0, 0.5, 1.0}
+    # chance is 1e-5 (five random digits); the bundled model was trained on this format at length <= n
+    assert sum(grid[N].values()) / 3 >= 0.8, grid
+
+
+def test_passkey_example_layout(tokenizer):
+    lengths = set()
+    positions = []
+    for depth in (0.0, 0.5, 1.0):
+        ids, answer_len = passkey_example(tokenizer, 200, depth, key=71432)
+        lengths.add(len(ids))
+        text = tokenizer.decode(ids)
+        assert text.endswith("What is the pass key? The pass key is 71432")
+        assert tokenizer.decode(ids[-answer_len:]) == " 71432"
+        positions.append(text.index("The pass key is 71432. Remember it."))
+    assert lengths == {200}
+    assert positions[0] == 0 and positions[0] < positions[1] < positions[2]
+    with pytest.raises(ValueError, match="at least"):
+        passkey_example(tokenizer, 40, 0.5, key=71432)
+    with pytest.raises(ValueError, match="depth"):
+        passkey_example(tokenizer, 200, 1.5, key=71432)
+
+
+def test_text_blocks_needs_a_long_enough_document(tokenizer):
+    with pytest.raises(ValueError, match="no document has 64 tokens"):
+        text_blocks(["short", "texts"], tokenizer, 64, max_blocks=4)
+
+
+def test_gap_recovery_formula():
+    assert gap_recovery(ppl_teacher=2.0, ppl_scaled=10.0, ppl_restored=4.0) == pytest.approx(0.75)
+    assert gap_recovery(2.0, 10.0, 2.0) == pytest.approx(1.0)
+    assert gap_recovery(2.0, 10.0, 12.0) == pytest.approx(-0.25)  # worse than not restoring at all
+    assert gap_recovery(2.0, 2.0, 3.0) is None  # no gap to recover
+
+
+def test_evaluate_models_writes_report_and_plots(teacher, scaled, tokenizer, eval_texts, tmp_path):
+    cfg = EvalConfig(ctx_len=128, length_multipliers=(1, 2), ppl_tokens=512, batch_size=4,
+                     passkey_depths=(0.0, 1.0), passkey_trials=2)
+    # the teacher stands in for a perfectly restored student: gap recovery is then exactly 1
+    report = evaluate_models({"teacher": teacher, "scaled": scaled, "restored": teacher}, tokenizer,
+                             eval_texts, cfg)
+    assert report["lengths"] == [128, 256]
+    assert set(report["short_ppl"]) == set(report["long_ppl"]) == set(report["passkey"]) == {
+        "teacher", "scaled", "restored"}
+    assert report["short_ppl"]["teacher"] == report["ppl"]["teacher"]["128"]
+    assert report["long_ppl"]["scaled"] == report["ppl"]["scaled"]["256"]
+    assert report["short_ppl"]["scaled"] > report["short_ppl"]["teacher"]
+    assert report["gap_recovery"] == pytest.approx(1.0)
+    assert report["passkey_grid"]["teacher"] == report["passkey_grid"]["restored"]  # same keys for every model
+
+    paths = write_report(report, tmp_path / "out")
+    assert sorted(p.name for p in paths) == ["passkey_heatmap.png", "ppl_vs_length.png", "report.json", "report.md"]
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == json.loads(json.dumps(report))
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "| scaled |" in markdown and "Gap recovery at n: **100.0%**" in markdown
+    for name in ("ppl_vs_length.png", "passkey_heatmap.png"):
+        with Image.open(tmp_path / "out" / name) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 300
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)  # no temp left
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval is installed")
+def test_lm_eval_without_the_extra_says_how_to_install(teacher, tokenizer):
+    with pytest.raises(ImportError, match=r"linearard\[eval\]"):
+        lm_eval_scores(teacher, tokenizer, ["hellaswag"])

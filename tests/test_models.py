@@ -1,0 +1,63 @@
+"""Teacher/student construction for Llama, Mistral, Qwen2, Qwen3 (GQA) and the merged long-context checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from linearard.config import LoraConfig, ModelConfig
+from linearard.models import build_teacher_student, save_merged
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_teacher_frozen_student_scaled(tiny_model, family):
+    teacher, student, tokenizer = build_teacher_student(
+        ModelConfig(teacher=str(tiny_model(family)), rope="yarn:4"), LoraConfig(r=2, alpha=4))
+    assert not teacher.training and student.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert teacher.config.rope_parameters["rope_type"] == "default"
+    assert student.config.rope_parameters["rope_type"] == "yarn"
+    assert student.config.max_position_embeddings == 4 * teacher.config.max_position_embeddings
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and any(t in n for t in ("q_proj", "k_proj", "v_proj")) for n in trainable)
+    assert teacher.config._attn_implementation == student.config._attn_implementation == "linearard"
+    assert tokenizer is not None
+
+
+@pytest.mark.parametrize("trainable, expected", [("qkv", {"q_proj", "k_proj", "v_proj"}), ("full", None)])
+def test_trainable_modes(tiny_model, trainable, expected):
+    _, student, _ = build_teacher_student(ModelConfig(teacher=str(tiny_model()), trainable=trainable), LoraConfig())
+    names = [n for n, p in student.named_parameters() if p.requires_grad]
+    if expected is None:
+        assert len(names) == len(list(student.parameters()))
+    else:
+        assert names and {n.split(".")[-2] for n in names} == expected
+
+
+def test_merged_checkpoint_reloads_as_student(tiny_model, tmp_path):
+    torch.manual_seed(0)
+    teacher, student, tokenizer = build_teacher_student(
+        ModelConfig(teacher=str(tiny_model("qwen2")), rope="llama3:8"), LoraConfig(r=2, alpha=4, dropout=0.0))
+    with torch.no_grad():  # make the adapters non-trivial, as after training
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    student.eval()
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        expected = student(input_ids=ids).logits
+        native = teacher(input_ids=ids).logits
+    out = save_merged(student, tokenizer, tmp_path / "restored")
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+    assert json.loads((out / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    restored = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert restored.config.rope_parameters == student.config.rope_parameters
+    assert not any("lora" in n for n, _ in restored.named_parameters())
+    with torch.no_grad():
+        got = restored(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, native, atol=1e-3)
+    assert AutoTokenizer.from_pretrained(out).eos_token == "<eos>"

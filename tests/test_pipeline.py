@@ -1,0 +1,126 @@
+"""The restore job end to end on a real local Ray (2 CPU workers, gloo, FSDP2) and a real MLflow server.
+
+One run restores the tiny model while a worker dies once mid-run (the test hook): it must resume from its
+last checkpoint, finish the planned steps, and register a model that loads back from the registry with the
+scaled RoPE. Bad input must fail fast with one error line and register nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STEPS = 4
+
+
+def restore_args(model: Path, corpus: Path, output: Path, uri: str, name: str) -> list[str]:
+    """A tiny restore: 2 workers, ctx 32, 4 steps of 2 blocks (2 micro-batches), checkpoints every 2 steps."""
+    return ["--model", str(model), "--rope", "linear:4", "--output", str(output), "--tracking-uri", uri,
+            "--workers", "2", "--data.source", str(corpus), "--data.ctx_len", "32", "--data.mode", "packed",
+            "--train.steps", str(STEPS), "--train.batch_size", "2", "--train.grad_accum", "2",
+            "--train.checkpoint_every", "2", "--optim.warmup_steps", "1", "--optim.lr", "1e-3",
+            "--lora.r", "4", "--lora.alpha", "8", "--eval.lengths", "[32, 64]", "--eval.batches", "2",
+            "--eval.batch_size", "2", "--eval.passkey_trials", "1", "--tracking.registered_model_name", name]
+
+
+def check_registered(uri: str, name: str, rope_factor: float) -> dict:
+    """The newest version of ``name`` loads back from the registry with the scaled RoPE; returns its tags."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri, registry_uri=uri)
+    versions = client.search_model_versions(f"name='{name}'")
+    assert len(versions) == 1
+    version = versions[0]
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    components = mlflow.transformers.load_model(f"models:/{name}/{version.version}", return_type="components")
+    rope = components["model"].config.rope_parameters
+    assert rope["rope_type"] == "linear" and rope["factor"] == rope_factor
+    assert components["model"].config.max_position_embeddings == 64 * rope_factor
+    assert components["tokenizer"].eos_token_id == 1
+    return {**version.tags, "run_id": version.run_id}
+
+
+def registered_names(uri: str) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    return [m.name for m in MlflowClient(uri, registry_uri=uri).search_registered_models()]
+
+
+def test_restore_resumes_after_a_worker_failure(ray_cluster, mlflow_server, tiny_model, word_corpus, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    name = "tiny-restored-local"
+    args = restore_args(tiny_model("llama"), word_corpus, tmp_path / "out", mlflow_server, name)
+    env = {**os.environ, "LINEARARD_FAIL_ONCE_AT_STEP": "3"}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.restore", *args, "--ray.max_failures", "1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{STEPS} steps" in proc.stdout and f"registered {name} version 1" in proc.stdout
+
+    tags = check_registered(mlflow_server, name, 4.0)
+    assert tags["teacher"] == str(tiny_model("llama")) and tags["rope"] == "linear:4"
+    assert int(tags["tokens_seen"]) == STEPS * 2 * 2 * 32  # steps x blocks per worker x workers x ctx_len
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(tags["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["train.steps"] == str(STEPS)
+    # Steps 1-2 ran once: the restarted workers resumed from the step-2 checkpoint, not from scratch.
+    steps = [int(m.value) for m in client.get_metric_history(run.info.run_id, "step")]
+    assert steps.count(1) == 1 and steps.count(2) == 1 and max(steps) == STEPS
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_step")] == [2.0]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"report/report.json", "report/ppl_vs_length.png"} <= artifacts
+    assert {"eval/short_ppl/teacher", "eval/short_ppl/scaled", "eval/short_ppl/restored"} <= set(run.data.metrics)
+    checkpoints = sorted(p.name for p in (tmp_path / "out" / "ray").glob("*/step-*"))
+    assert checkpoints == ["step-00000002", f"step-{STEPS:08d}"]
+    assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("case", ["bad_key", "bad_value", "missing_model", "missing_data"])
+def test_bad_input_fails_with_one_line(mlflow_server, tiny_model, word_corpus, tmp_path, case):
+    name = f"never-{case}"
+    args = restore_args(tiny_model("llama"), word_corpus, tmp_path / "out", mlflow_server, name)
+    config = tmp_path / "run.yaml"
+    config.write_text({"bad_key": "train:\n  stepz: 3\n", "bad_value": "loss:\n  q: -1\n"}.get(case, "{}\n"))
+    if case == "missing_model":
+        args += ["--model", str(tmp_path / "no-such-model")]
+    if case == "missing_data":
+        args += ["--data.source", str(tmp_path / "no-such-corpus.jsonl")]
+    proc = subprocess.run([str(BIN / "linearard"), "restore", "--config", str(config), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("linearard restore: error: "), proc.stderr
+    expected = {"bad_key": "stepz", "bad_value": "loss.q", "missing_model": "no-such-model",
+                "missing_data": "no-such-corpus"}[case]
+    assert expected in lines[0]
+    assert name not in registered_names(mlflow_server)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_cli_usage():
+    proc = subprocess.run([str(BIN / "linearard"), "frobnicate"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown command 'frobnicate'" in proc.stderr
+    proc = subprocess.run([str(BIN / "linearard"), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "restore" in proc.stdout and "evaluate" in proc.stdout
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "cluster" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_cluster_run_configs_follow_the_recipe(path):
+    from linearard.config import RunConfig
+
+    cfg = RunConfig.from_yaml(path, check_teacher=False)  # no hub access here
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (1024, 2048.0, ["q_proj", "k_proj", "v_proj"])
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio) == (2e-5, 4, 0.9)
+    assert (cfg.train.steps, cfg.data.ctx_len, cfg.ray.num_workers, cfg.ray.use_gpu) == (144, 4096, 2, True)
+    assert cfg.train.batch_size // cfg.train.grad_accum == 1 and cfg.train.grad_accum == 2
+    assert "pg19" in cfg.data.source and cfg.ray.max_failures > 0
+    assert cfg.model.rope == {"llama2": "linear:8"}.get(path.stem.split("-")[0], "linear:4")

@@ -1,0 +1,233 @@
+"""relation_kl against the dense float64 reference: torch backend (float64 < 1e-9), triton backend through
+TRITON_INTERPRET=1 on CPU (float32 < 1e-4), linear memory at T=16384, and one-line ValueErrors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of the Triton kernels (read at @jit time)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from linearard.kernels import relation_kl  # noqa: E402
+
+from reference import relation_kl_dense  # noqa: E402
+
+# The Triton interpreter evaluates both sides of tl.where in NumPy: -inf − -inf in masked-out lanes warns.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+# name: B, H, Hc, Hct, T, Ds, Dt, causal, padding ("right", "left", "both", "holes", None), segments, scales, self
+CASES = {
+    "gqa-right-pad-segments": (2, 4, 2, 1, 37, 16, 24, True, "right", True, (0.3, 0.2), False),
+    "t1": (1, 2, 2, 2, 1, 8, 8, True, None, False, (None, None), False),
+    "noncausal-left-pad-full-pad-seq": (3, 4, 1, 2, 29, 12, 8, False, "left", False, (None, 0.5), False),
+    "self-relation-odd-t": (2, 2, 2, 2, 53, 16, 16, True, None, False, (None, None), True),
+    "holes-int-mask-segments-noncausal": (2, 6, 3, 6, 31, 8, 20, False, "holes", True, (0.7, 0.1), False),
+    "both-ends-causal": (2, 4, 4, 4, 40, 32, 32, True, "both", False, (None, None), True),
+}
+
+
+def make_inputs(case, dtype, seed, device="cpu"):
+    B, H, Hc, Hct, T, Ds, Dt, causal, padding, segments, (scale_s, scale_t), self_rel = case
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return (2 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
+
+    s_rows = randn(B, H, T, Ds)
+    s_cols = s_rows if self_rel else randn(B, Hc, T, Ds)
+    t_rows = randn(B, H, T, Dt)
+    t_cols = t_rows if self_rel else randn(B, Hct, T, Dt)
+    mask = None
+    if padding is not None:
+        mask = torch.ones(B, T, dtype=torch.bool)
+        if padding in ("right", "both"):
+            mask[0, T - T // 3:] = False
+        if padding in ("left", "both"):
+            mask[-1, : T // 4] = False
+        if padding == "left":
+            mask[1] = False  # a fully padded sequence
+        if padding == "holes":
+            mask = torch.rand(B, T, generator=g) > 0.3
+            mask[0, 0] = False
+            mask = mask.to(torch.int64)  # 0/1 ints are accepted too
+        mask = mask.to(device)
+    seg = None
+    if segments:
+        seg = torch.cumsum(torch.rand(B, T, generator=g) < 0.15, dim=1).to(device)
+    s_rows.requires_grad_(True)
+    if not self_rel:
+        s_cols.requires_grad_(True)
+    kwargs = dict(scale_s=scale_s, scale_t=scale_t, mask=mask, segment_ids=seg, causal=causal)
+    return (s_rows, s_cols, t_rows, t_cols), kwargs
+
+
+def leaves(inputs):
+    s_rows, s_cols = inputs[0], inputs[1]
+    return [s_rows] if s_cols is s_rows else [s_rows, s_cols]
+
+
+def loss_and_grads(fn, inputs, kwargs, reduction, weight_seed):
+    for x in leaves(inputs):
+        x.grad = None
+    out = fn(*inputs, **kwargs, reduction=reduction)
+    if reduction == "none":
+        w = torch.rand(out.shape, generator=torch.Generator().manual_seed(weight_seed), dtype=torch.float64)
+        (out.double() * w.to(out.device)).sum().backward()
+    else:
+        out.backward()
+    return out.detach().double(), [x.grad.double().clone() for x in leaves(inputs)]
+
+
+def rel_err(a, b):
+    """Relative error in norm; absolute where the reference is under 1 (T = 1 gives KL = 0 exactly)."""
+    return ((a - b).norm() / b.norm().clamp(min=1.0)).item()
+
+
+def check(backend, case, dtype, reduction, tol, seed, device="cpu"):
+    inputs, kwargs = make_inputs(CASES[case], dtype, seed, device)
+    ref_inputs = tuple(x.detach().double() for x in inputs)
+    ref_inputs = (ref_inputs[0], ref_inputs[0] if inputs[1] is inputs[0] else ref_inputs[1], *ref_inputs[2:])
+    ref_inputs = tuple(x.requires_grad_(True) if i < 2 else x for i, x in enumerate(ref_inputs))
+    loss, grads = loss_and_grads(lambda *a, **k: relation_kl(*a, **k, backend=backend), inputs, kwargs,
+                                 reduction, seed)
+    ref_loss, ref_grads = loss_and_grads(relation_kl_dense, ref_inputs, kwargs, reduction, seed)
+    assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
+    assert loss.shape == ref_loss.shape
+    assert rel_err(loss, ref_loss) < tol, (loss, ref_loss)
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < tol
+    if kwargs["mask"] is not None:  # padded rows pass no gradient through their own row (only as columns)
+        out = relation_kl(*inputs, **kwargs, reduction="none", backend=backend)
+        assert (out.detach()[(kwargs["mask"] == 0)[:, None, :].expand_as(out)] == 0).all()
+    return loss, ref_loss
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_float64_exact(case, reduction):
+    check("torch", case, torch.float64, reduction, 1e-9, seed=zlib.crc32(f"{case}{reduction}".encode()) % 1000)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_torch_low_precision(dtype, tol):
+    check("torch", "gqa-right-pad-segments", dtype, "sum", tol, seed=3)
+
+
+def test_fully_padded_batch_is_zero_without_nan():
+    inputs, kwargs = make_inputs(CASES["gqa-right-pad-segments"], torch.float64, 0)
+    kwargs["mask"] = torch.zeros(2, 37, dtype=torch.bool)
+    for reduction in ("sum", "mean"):
+        loss = relation_kl(*inputs, **kwargs, reduction=reduction, backend="torch")
+        loss.backward()
+        assert loss.item() == 0.0
+        assert all((x.grad == 0).all() for x in leaves(inputs))
+
+
+def test_teacher_gets_no_gradient():
+    inputs, kwargs = make_inputs(CASES["t1"], torch.float64, 1)
+    t_rows = inputs[2].clone().requires_grad_(True)
+    relation_kl(inputs[0], inputs[1], t_rows, t_rows, backend="torch").backward()
+    assert t_rows.grad is None
+
+
+TRITON_CASES = ["gqa-right-pad-segments", "t1", "holes-int-mask-segments-noncausal", "both-ends-causal"]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_float32_exact(case):
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    check("triton", case, torch.float32, "sum" if case != "t1" else "mean", 1e-4, seed=11)
+
+
+def test_triton_reduction_none_matches():
+    check("triton", "noncausal-left-pad-full-pad-seq", torch.float32, "none", 1e-4, seed=5)
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch
+    torch.set_num_threads(2)
+    from linearard.kernels import relation_kl
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    B, H, T, D = 1, 4, 16384, 64
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1, 4, 300, 64, generator=g, requires_grad=True)  # warm-up: lazy library buffers
+    relation_kl(w, w, w.detach(), w.detach(), backend="torch").backward()
+    x = [torch.randn(B, H, T, D, generator=g) for _ in range(4)]
+    x[0].requires_grad_(True); x[1].requires_grad_(True)
+    inputs = sum(t.numel() * t.element_size() for t in x)
+    before = rss()
+    loss = relation_kl(*x, backend="torch")
+    loss.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(inputs, before, peak, loss.item())
+""")
+
+
+def test_torch_memory_is_linear():
+    """Peak RSS of fwd+bwd at T=16384, H=4, D=64 (inputs included) < 2× the inputs; a T×T map is 4 GiB.
+
+    Run in a fresh process with glibc's mmap threshold low, so freed tiles go back to the system at once and
+    the peak RSS is the peak of live tensors (plus the interpreter and libtorch, measured before the inputs).
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    inputs, before, peak, loss = int(out[0]), int(out[1]), int(out[2]), float(out[3])
+    base = before - inputs  # RSS of the process before it made the inputs
+    assert loss > 0
+    print(f"peak {(peak - base) / 2**20:.0f} MiB, inputs {inputs / 2**20:.0f} MiB")
+    assert peak - base < 2 * inputs, f"peak {(peak - base) / 2**20:.0f} MiB vs inputs {inputs / 2**20:.0f} MiB"
+
+
+def _good():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 4, 8, 16, generator=g), torch.randn(2, 2, 8, 16, generator=g),
+            torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 1, 8, 12, generator=g)]
+
+
+@pytest.mark.parametrize("change,kwargs,match", [
+    ({0: torch.randn(4, 8, 16)}, {}, r"s_rows must have rank 4 .*\(4, 8, 16\)"),
+    ({1: torch.randn(2, 3, 8, 16)}, {}, r"s_cols heads \(3\) must divide the row heads H=4"),
+    ({1: torch.randn(2, 2, 9, 16)}, {}, r"s_cols must be \[B, Hc, T, Ds\].*\(2, 2, 9, 16\)"),
+    ({2: torch.randn(2, 4, 7, 12)}, {}, r"t_rows must be \[B, H, T, Dt\].*\(2, 4, 7, 12\)"),
+    ({3: torch.randn(2, 1, 8, 10)}, {}, r"t_cols must be .*\(2, 1, 8, 10\)"),
+    ({3: torch.randn(2, 3, 8, 12)}, {}, r"t_cols heads \(3\) must divide"),
+    ({2: torch.randn(2, 4, 8, 12, dtype=torch.float64)}, {}, r"share one dtype"),
+    ({0: torch.randn(2, 4, 8, 16).to(torch.int32)}, {}, r"s_rows must be float64/float32"),
+    ({0: torch.randn(2, 4, 8, 16, device="meta")}, {}, r"share one device"),
+    ({0: torch.randn(2, 4, 0, 16), 1: torch.randn(2, 2, 0, 16), 2: torch.randn(2, 4, 0, 12),
+      3: torch.randn(2, 1, 0, 12)}, {}, r"non-empty"),
+    ({}, {"mask": torch.ones(2, 9, dtype=torch.bool)}, r"mask must be \[B, T\] = \(2, 8\), got shape \(2, 9\)"),
+    ({}, {"mask": torch.ones(2, 8)}, r"mask must be bool or integer, got torch.float32"),
+    ({}, {"segment_ids": torch.zeros(8, dtype=torch.long)}, r"segment_ids must be \[B, T\]"),
+    ({}, {"segment_ids": torch.zeros(2, 8, dtype=torch.bool)}, r"segment_ids must be integer"),
+    ({}, {"reduction": "avg"}, r"reduction must be 'sum', 'mean' or 'none', got 'avg'"),
+    ({}, {"backend": "cuda"}, r"backend must be 'auto', 'torch' or 'triton', got 'cuda'"),
+    ({}, {"scale_s": float("nan")}, r"scale_s must be a finite number"),
+    ({}, {"causal": 1}, r"causal must be a bool"),
+])
+def test_bad_input_raises_one_line_value_error(change, kwargs, match):
+    args = _good()
+    for i, x in change.items():
+        args[i] = x
+    with pytest.raises(ValueError, match=match) as info:
+        relation_kl(*args, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors"):
+        relation_kl(*_good(), backend="triton")
