@@ -181,8 +181,10 @@ def test_torch_memory_is_linear():
     Run in a fresh process with glibc's mmap threshold low, so freed tiles go back to the system at once and
     the peak RSS is the peak of live tensors (plus the interpreter and libtorch, measured before the inputs).
     """
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
-    env.pop("TRITON_INTERPRET", None)  # the interpreter's imports would count against the op's memory
+    # A clean environment: variables other tests leave behind (the Triton interpreter, Ray's, allocator
+    # settings) would change what the process allocates besides the op.
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+           "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
     inputs, before, peak, loss = int(out[0]), int(out[1]), int(out[2]), float(out[3])
