@@ -21,7 +21,6 @@ import itertools
 import os
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -30,7 +29,6 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
@@ -115,7 +113,7 @@ def train_loop(config: dict[str, Any]) -> None:
         every = cfg.train.checkpoint_every
         if trainer.step == cfg.train.steps or (every and trainer.step % every == 0):
             with tempfile.TemporaryDirectory() as directory:
-                write_checkpoint(trainer, Path(directory), rank)
+                trainer.write_checkpoint(directory)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory),
                                  checkpoint_dir_name=f"step-{trainer.step:08d}")
         else:
@@ -135,19 +133,6 @@ def shard_model(model: nn.Module, reshard_after_forward: bool = True) -> nn.Modu
         fully_shard(module, reshard_after_forward=reshard_after_forward)
     fully_shard(model, reshard_after_forward=reshard_after_forward)
     return model
-
-
-def write_checkpoint(trainer: Trainer, directory: Path, rank: int) -> None:
-    """This worker's part of a checkpoint in the format ``Trainer.load_checkpoint`` reads: rank 0 writes the
-    gathered trainable weights, optimizer and trainer state; every rank writes its RNG state (``rng-<rank>.pt``).
-    Ray Train merges the workers' folders into one. Collective: every rank must call it."""
-    state = trainer.state_dict()
-    if rank == 0:
-        save_file({k: v.contiguous() for k, v in state["model"].items()}, directory / "trainable.safetensors")
-        torch.save(state["optimizer"], directory / "optimizer.pt")
-        torch.save(state["trainer"], directory / "trainer.pt")
-        trainer.cfg.to_yaml(directory / "config.yaml")
-    torch.save(state["rng"], directory / f"rng-{rank}.pt")
 
 
 def _batches(cfg: RunConfig, rank: int) -> Iterator[dict[str, torch.Tensor]]:
