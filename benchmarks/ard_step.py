@@ -54,6 +54,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 from linearard import losses, models  # noqa: E402
 from linearard.config import RunConfig  # noqa: E402
+from linearard.distributed import shard_teacher_student  # noqa: E402
 from linearard.models import build_teacher_student  # noqa: E402
 from linearard.tiny import bundled_model_path  # noqa: E402
 from linearard.train import Trainer, seed_everything  # noqa: E402
@@ -103,23 +104,6 @@ def build(name: str, lora_r: int, device: torch.device, dtype: str, folder: Path
     with mock.patch.object(models, "AutoModelForCausalLM", random_weights_loader(device)):
         teacher, student, _ = build_teacher_student(cfg.model, cfg.lora, device)
     return cfg, teacher, student
-
-
-def shard(model: torch.nn.Module, reshard_after_forward: bool = True) -> None:
-    """FSDP2 as the Ray Train worker does it (``pipelines.train.shard_model``, which imports Ray at module level,
-    so the GPU box cannot import it): each decoder layer, then the root."""
-    try:
-        from pipelines.train import shard_model
-    except ImportError:
-        from torch.distributed.fsdp import fully_shard
-
-        def shard_model(model, reshard_after_forward=True):
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            layer_classes = set(getattr(base, "_no_split_modules", None) or ())
-            for module in [m for m in model.modules() if type(m).__name__ in layer_classes]:
-                fully_shard(module, reshard_after_forward=reshard_after_forward)
-            fully_shard(model, reshard_after_forward=reshard_after_forward)
-    shard_model(model, reshard_after_forward=reshard_after_forward)
 
 
 def free_relation_kl(s_rows, s_cols, t_rows, t_cols, **_):
@@ -231,8 +215,7 @@ def run(args) -> dict:
                 save()
                 continue
             if distributed:
-                shard(teacher)
-                shard(student, reshard_after_forward=False)  # see pipelines.train.shard_model
+                shard_teacher_student(teacher, student)
             build_s = time.monotonic() - t0
             if rank == 0:
                 print(f"[{name}] built in {build_s:.1f}s", flush=True)

@@ -29,6 +29,34 @@ BACKENDS = ("auto", "torch", "triton")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name; anything else must be a local path
 
 
+# The restoring methods, each one flag (`train.method`); a preset fills the keys the user left unset.
+# Every method trains on the same data and the same number of tokens per step as ARD.
+METHODS = {
+    "ard": "LinearARD: relation KL of Q/Q, K/K, V/V against the teacher (the default)",
+    "cpt": "continual pre-training: next-token loss on the student at 4n (batch / 4: same tokens per step)",
+    "logits_kd": "KL(teacher || student) of the next-token distributions at n",
+    "hidden_cosine": "1 - cosine of every decoder layer's output against the teacher at n (LongReD-style)",
+    "ard+cpt": "ARD, then a CPT stage for train.cpt_steps of the steps (the paper's pipeline)",
+}
+_NO_RELATIONS = {"q": 0.0, "k": 0.0, "v": 0.0}
+
+
+def method_preset(method: str, ctx_len: int, batch_size: int) -> dict[str, Any]:
+    """Config keys (nested dict) that ``train.method`` sets unless the user set them.
+
+    ``ctx_len`` and ``batch_size`` are the run's short-text block length n and sequences per step; CPT reads
+    4n-token blocks, 4 times fewer per step, so every method sees the same tokens per step.
+    """
+    if method == "cpt":
+        return {"loss": {**_NO_RELATIONS, "lm": 1.0}, "data": {"ctx_len": 4 * ctx_len},
+                "train": {"batch_size": max(1, batch_size // 4), "grad_accum": 1}}
+    if method == "logits_kd":
+        return {"loss": {**_NO_RELATIONS, "logits_kd": 1.0}}
+    if method == "hidden_cosine":
+        return {"loss": {**_NO_RELATIONS, "hidden_cosine": 1.0}}
+    return {}
+
+
 class ConfigError(ValueError):
     """A bad run config; the message is one line and names the offending key."""
 
@@ -106,6 +134,9 @@ class DataConfig:
 class TrainConfig:
     """The plain-process training loop."""
 
+    method: str = "ard"  # ard | cpt | logits_kd | hidden_cosine | ard+cpt (see METHODS)
+    cpt_steps: int | None = None  # ard+cpt: steps of the CPT stage (None = steps // 4), part of `steps`
+    init_from: str | None = None  # a checkpoint folder whose trainable weights the student starts from
     steps: int = 100  # optimizer steps
     batch_size: int = 8  # sequences per optimizer step (split into grad_accum micro-batches)
     grad_accum: int = 1
@@ -119,12 +150,24 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation of teacher / scaled / restored models (linearard.evaluate)."""
+    """Evaluation of teacher / scaled / restored models (``linearard.evaluate``): perplexity and passkey
+    retrieval at ``ctx_len × length_multipliers``, on the same held-out text and pass keys for every model."""
 
-    lengths: list[int] = field(default_factory=lambda: [256, 1024])
-    batches: int = 8
-    batch_size: int = 4
-    passkey_trials: int = 0
+    ctx_len: int | None = None  # the native context n; None = the teacher's max_position_embeddings
+    length_multipliers: list[int] = field(default_factory=lambda: [1, 2, 4])  # n, 2n, 4n
+    ppl_tokens: int = 16384  # held-out tokens scored at each length (ppl_tokens // length blocks, at least 1)
+    batch_size: int = 8
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # 1 = at the end
+    passkey_trials: int = 5  # pass keys per (length, depth) cell; 0 = no passkey test
+    seed: int = 0
+    lm_eval_tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks (the `eval` extra)
+    lm_eval_limit: int | None = None
+
+    @property
+    def lengths(self) -> list[int]:
+        if self.ctx_len is None:
+            raise ValueError("EvalConfig.ctx_len is not set (the caller resolves it from the teacher)")
+        return [self.ctx_len * m for m in self.length_multipliers]
 
 
 @dataclass
@@ -192,8 +235,30 @@ class RunConfig:
         for key, value in _parse_overrides(overrides or []):
             _set_dotted(data, key, value)
         cfg = cls.from_dict(data)
+        if cfg.train.method != "ard":
+            _choice("train.method", cfg.train.method, tuple(METHODS))
+            preset = method_preset(cfg.train.method, cfg.data.ctx_len, cfg.train.batch_size)
+            cfg = cls.from_dict(_merge_under(data, preset))
         cfg.validate(check_teacher=check_teacher)
         return cfg
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether a loss term reads the teacher (every term but ``lm``)."""
+        return any(getattr(self.loss, key) > 0 for key in ("q", "k", "v", "logits_kd", "hidden_cosine"))
+
+    def stages(self) -> list["RunConfig"]:
+        """The training stages of ``train.method``: itself, or for ard+cpt an ARD stage then a CPT stage (each
+        a full config; the CPT stage has ``train.method = "cpt"`` and starts from the ARD stage's weights)."""
+        if self.train.method != "ard+cpt":
+            return [self]
+        ard_steps, cpt_steps = stage_steps(self)
+        ard, cpt = self.to_dict(), self.to_dict()
+        ard["train"].update(method="ard", steps=ard_steps, cpt_steps=None)
+        for section, values in method_preset("cpt", self.data.ctx_len, self.train.batch_size).items():
+            cpt[section].update(values)
+        cpt["train"].update(method="cpt", steps=cpt_steps, cpt_steps=None)
+        return [RunConfig.from_dict(ard), RunConfig.from_dict(cpt)]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of every value."""
@@ -214,6 +279,14 @@ class RunConfig:
         _choice("model.dtype", m.dtype, DTYPES)
         _choice("data.mode", data.mode, DATA_MODES)
         _choice("loss.backend", loss.backend, BACKENDS)
+        _choice("train.method", tr.method, tuple(METHODS))
+        if tr.method == "ard+cpt":
+            cpt = stage_steps(self)[1]
+            if not 1 <= cpt < tr.steps:
+                raise ConfigError(f"train.cpt_steps must be in [1, train.steps) for ard+cpt (got {cpt})")
+            if tr.batch_size % 4:
+                raise ConfigError(f"train.batch_size ({tr.batch_size}) must be a multiple of 4 for ard+cpt "
+                                  "(its CPT stage reads 4n-token blocks, batch / 4)")
         for key, value in (("train.steps", tr.steps), ("train.batch_size", tr.batch_size),
                            ("train.grad_accum", tr.grad_accum), ("data.ctx_len", data.ctx_len),
                            ("lora.r", self.lora.r), ("ray.num_workers", self.ray.num_workers),
@@ -239,6 +312,20 @@ class RunConfig:
             raise ConfigError("optim.warmup_steps and optim.max_grad_norm must be >= 0")
         if len(opt.betas) != 2:
             raise ConfigError(f"optim.betas must have 2 values (got {opt.betas})")
+        ev = self.eval
+        if ev.ctx_len is not None and ev.ctx_len < 1:
+            raise ConfigError(f"eval.ctx_len must be >= 1 or null (got {ev.ctx_len})")
+        if not ev.length_multipliers or any(m < 1 for m in ev.length_multipliers) or \
+                ev.length_multipliers != sorted(set(ev.length_multipliers)):
+            raise ConfigError(f"eval.length_multipliers must be increasing integers >= 1 (got "
+                              f"{ev.length_multipliers})")
+        for key in ("ppl_tokens", "batch_size"):
+            if getattr(ev, key) < 1:
+                raise ConfigError(f"eval.{key} must be >= 1 (got {getattr(ev, key)})")
+        if ev.passkey_trials < 0:
+            raise ConfigError(f"eval.passkey_trials must be >= 0 (got {ev.passkey_trials})")
+        if not ev.passkey_depths or any(not 0 <= d <= 1 for d in ev.passkey_depths):
+            raise ConfigError(f"eval.passkey_depths must be values in [0, 1] (got {ev.passkey_depths})")
         if not 0 <= data.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction must be in [0, 1) (got {data.eval_fraction})")
         if not m.teacher:
@@ -258,7 +345,7 @@ class RunConfig:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"model.teacher: cannot load the config of {m.teacher!r} ({reason})") from None
         native = int(teacher.max_position_embeddings)
-        if self.data.ctx_len > native:
+        if self.data.ctx_len > native and self.uses_teacher:
             raise ConfigError(f"data.ctx_len {self.data.ctx_len} is longer than the teacher's native window "
                               f"{native} (ARD trains on short text the teacher reads natively)")
         layers = int(teacher.num_hidden_layers)
@@ -277,6 +364,12 @@ class RunConfig:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def stage_steps(cfg: RunConfig) -> tuple[int, int]:
+    """(ARD steps, CPT steps) of an ard+cpt run."""
+    cpt = cfg.train.cpt_steps if cfg.train.cpt_steps is not None else cfg.train.steps // 4
+    return cfg.train.steps - cpt, cpt
+
+
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
@@ -304,6 +397,17 @@ def _parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
             value = text
         pairs.append((key, value))
     return pairs
+
+
+def _merge_under(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the keys of ``defaults`` it does not set (nested dicts merged)."""
+    merged = dict(data)
+    for key, value in defaults.items():
+        if isinstance(value, dict) and isinstance(merged.get(key, {}), dict):
+            merged[key] = _merge_under(merged.get(key, {}), value)
+        else:
+            merged.setdefault(key, value)
+    return merged
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from linearard.config import EvalConfig
 from linearard.data import cut_per_document, tokenize
 
 # The passkey format (the classic one of Mohtashami & Jaggi, 2023, with a shorter needle so that a prompt
@@ -38,25 +39,6 @@ PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
 PASSKEY_ANSWER = " {key}"
 
 MODEL_ORDER = ("teacher", "scaled", "restored")
-
-
-@dataclass
-class EvalConfig:
-    """What to measure. ``ctx_len`` is the teacher's native context n."""
-
-    ctx_len: int = 256
-    length_multipliers: tuple[int, ...] = (1, 2, 4)
-    ppl_tokens: int = 16384  # held-out tokens scored at each length: ppl_tokens // length blocks (at least 1)
-    batch_size: int = 8
-    passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # 0: needle first, 1: just before the question
-    passkey_trials: int = 10  # pass keys per (length, depth) cell
-    seed: int = 0
-    lm_eval_tasks: tuple[str, ...] = ()  # e.g. ("hellaswag", "arc_easy"): needs the `eval` extra (lm-eval)
-    lm_eval_limit: int | None = None
-
-    @property
-    def lengths(self) -> list[int]:
-        return [self.ctx_len * m for m in self.length_multipliers]
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -194,8 +176,8 @@ def evaluate_models(models: Mapping[str, torch.nn.Module], tokenizer: Any, texts
     Names are free, but ``teacher`` / ``scaled`` / ``restored`` fill ``gap_recovery``. Returns the report
     dict (JSON-ready, lengths and depths as string keys): ``ppl`` {model: {length: ppl}}, ``short_ppl`` and
     ``long_ppl`` {model: ppl at n / at the longest length}, ``passkey`` {model: mean accuracy at the longest
-    length}, ``passkey_grid`` {model: {length: {depth: accuracy}}}, ``gap_recovery``, ``lm_eval`` (when asked)
-    and ``eval`` (the config).
+    length}, ``passkey_grid`` {model: {length: {depth: accuracy}}} (both empty when ``passkey_trials`` is 0),
+    ``gap_recovery``, ``lm_eval`` (when asked) and ``eval`` (the config). ``cfg.ctx_len`` must be set.
     """
     lengths = cfg.lengths
     docs = tokenize(texts, tokenizer)
@@ -204,13 +186,14 @@ def evaluate_models(models: Mapping[str, torch.nn.Module], tokenizer: Any, texts
                               "short_ppl": {}, "long_ppl": {}, "passkey": {}, "passkey_grid": {}}
     for name, model in models.items():
         ppl = {str(n): perplexity(model, blocks[n], cfg.batch_size) for n in lengths}
-        grid = passkey_accuracy(model, tokenizer, lengths, cfg.passkey_depths, cfg.passkey_trials, cfg.seed,
-                                cfg.batch_size)
         report["ppl"][name] = ppl
         report["short_ppl"][name] = ppl[str(lengths[0])]
         report["long_ppl"][name] = ppl[str(lengths[-1])]
-        report["passkey_grid"][name] = {str(n): {str(d): a for d, a in row.items()} for n, row in grid.items()}
-        report["passkey"][name] = sum(grid[lengths[-1]].values()) / len(cfg.passkey_depths)
+        if cfg.passkey_trials > 0:
+            grid = passkey_accuracy(model, tokenizer, lengths, cfg.passkey_depths, cfg.passkey_trials, cfg.seed,
+                                    cfg.batch_size)
+            report["passkey_grid"][name] = {str(n): {str(d): a for d, a in row.items()} for n, row in grid.items()}
+            report["passkey"][name] = sum(grid[lengths[-1]].values()) / len(cfg.passkey_depths)
         if cfg.lm_eval_tasks:
             report.setdefault("lm_eval", {})[name] = lm_eval_scores(model, tokenizer, cfg.lm_eval_tasks,
                                                                     cfg.lm_eval_limit, cfg.batch_size)
@@ -224,18 +207,23 @@ def evaluate_models(models: Mapping[str, torch.nn.Module], tokenizer: Any, texts
 def report_markdown(report: Mapping[str, Any]) -> str:
     """The report as Markdown tables: perplexity and passkey accuracy by length, one row per model."""
     lengths = [str(n) for n in report["lengths"]]
-    lines = ["# Evaluation report", "", f"Native context n = {report['ctx_len']}.", "",
+    run = [f"{label} {report[key]:,}" if isinstance(report.get(key), int) else f"{label} {report[key]}"
+           for key, label in (("method", "method"), ("tokens", "training tokens"),
+                              ("train_seconds", "training seconds")) if report.get(key) is not None]
+    lines = ["# Evaluation report", "", f"Native context n = {report['ctx_len']}" +
+             "".join(f"; {item}" for item in run) + ".", "",
              "## Perplexity on held-out text (lower is better)", "",
              "| model | " + " | ".join(f"PPL@{n}" for n in lengths) + " |",
              "|---|" + "---:|" * len(lengths)]
     for name in report["models"]:
         lines.append(f"| {name} | " + " | ".join(f"{report['ppl'][name][n]:.3f}" for n in lengths) + " |")
-    lines += ["", "## Passkey retrieval accuracy (mean over depths)", "",
-              "| model | " + " | ".join(f"@{n}" for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
-    for name in report["models"]:
-        grid = report["passkey_grid"][name]
-        lines.append(f"| {name} | " + " | ".join(
-            f"{sum(grid[n].values()) / len(grid[n]):.2f}" for n in lengths) + " |")
+    if report["passkey_grid"]:
+        lines += ["", "## Passkey retrieval accuracy (mean over depths)", "",
+                  "| model | " + " | ".join(f"@{n}" for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+        for name in report["models"]:
+            grid = report["passkey_grid"][name]
+            lines.append(f"| {name} | " + " | ".join(
+                f"{sum(grid[n].values()) / len(grid[n]):.2f}" for n in lengths) + " |")
     if report.get("gap_recovery") is not None:
         lines += ["", f"Gap recovery at n: **{100 * report['gap_recovery']:.1f}%** "
                       "= (PPL_scaled − PPL_restored) / (PPL_scaled − PPL_teacher)."]
@@ -289,7 +277,8 @@ def _plot_passkey(report: Mapping[str, Any], path: Path) -> None:
 
 
 def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> list[Path]:
-    """Write ``report.json``, ``report.md``, ``ppl_vs_length.png`` and ``passkey_heatmap.png`` into ``out_dir``.
+    """Write ``report.json``, ``report.md``, ``ppl_vs_length.png`` and ``passkey_heatmap.png`` (when the passkey
+    test ran) into ``out_dir``.
 
     Each file is written beside its final name and renamed into place, so a crash leaves no half-written file.
     Returns the paths written.
@@ -305,6 +294,8 @@ def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> list[
         "ppl_vs_length.png": lambda p: _plot_perplexity(report, p),
         "passkey_heatmap.png": lambda p: _plot_passkey(report, p),
     }
+    if not report["passkey_grid"]:  # passkey_trials = 0: nothing to draw
+        del writers["passkey_heatmap.png"]
     written = []
     for name, write in writers.items():
         tmp = out / f".{name}.tmp{Path(name).suffix}"  # keep the suffix: matplotlib picks the format from it

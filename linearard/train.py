@@ -83,26 +83,30 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.batches_seen = 0  # data position: batches consumed from the training stream
         self.tokens_seen = 0
+        if cfg.train.init_from:  # a warm start (e.g. the CPT stage after ARD); a resume overwrites it
+            self.load_weights(Path(cfg.train.init_from) / "trainable.safetensors")
 
     # ------------------------------------------------------------------------------------------ step
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One optimizer step on ``batch`` (``input_ids`` [B,T], optional ``attention_mask``/``segment_ids``
         [B,T]); B is split into ``train.grad_accum`` micro-batches. Returns the step's metrics."""
         start = time.perf_counter()
+        # counted on the incoming (host) batch: no device sync
+        tokens = int(batch["attention_mask"].sum()) if batch.get("attention_mask") is not None \
+            else batch["input_ids"].numel()
         batch = {k: v.to(self.device) for k, v in batch.items() if v is not None}
         accum = self.cfg.train.grad_accum
         micro_batches = [dict(zip(batch, parts)) for parts in zip(*(v.chunk(accum) for v in batch.values()))]
         self.student.train()
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
+        recorded: list[dict[str, Tensor]] = []  # per micro-batch, on the device until the step's one sync
         for index, micro in enumerate(micro_batches):
             self._gradient_sync(index == len(micro_batches) - 1)
             with self._autocast():
                 loss, terms = self.objective(self.teacher, self.student, micro)
             (loss / len(micro_batches)).backward()
             self.objective.release()
-            for name, value in {"loss": loss.detach(), **terms}.items():
-                sums[name] = sums.get(name, 0.0) + float(value) / len(micro_batches)
+            recorded.append({"loss": loss.detach(), **terms})
         max_norm = self.cfg.optim.max_grad_norm or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
@@ -110,11 +114,16 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
+        # The step's only host sync, after the optimizer's kernels are queued.
+        values = iter(torch.stack([v.double() for r in recorded for v in r.values()] + [grad_norm.double()]).tolist())
+        sums: dict[str, float] = {}
+        for micro_terms in recorded:
+            for name in micro_terms:
+                sums[name] = sums.get(name, 0.0) + next(values) / len(micro_batches)
         self.step += 1
         self.batches_seen += 1
-        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         self.tokens_seen += tokens
-        metrics = {**sums, "lr": lr, "grad_norm": float(grad_norm),
+        metrics = {**sums, "lr": lr, "grad_norm": next(values),
                    "tokens_per_s": tokens / max(time.perf_counter() - start, 1e-9), "tokens": float(self.tokens_seen)}
         if self.callback is not None:
             self.callback(self.step, metrics)
@@ -205,6 +214,17 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
         return final
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load trainable weights (a checkpoint's ``trainable.safetensors``) into the student; nothing else.
+
+        Every name in the file must be a student parameter (plain or FSDP2-sharded)."""
+        weights = load_file(path)
+        unknown = set(weights) - set(get_model_state_dict(self.student, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)))
+        if unknown:
+            raise ValueError(f"{path}: weights that are not trainable student parameters, e.g. {min(unknown)!r}")
+        set_model_state_dict(self.student, weights, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Resume from a folder written by ``save_checkpoint``."""

@@ -10,6 +10,7 @@ one GPU (or CPU); ``linearard evaluate --config X --checkpoint DIR`` runs it on 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,48 +18,42 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from linearard.config import ConfigError, RunConfig
-from linearard.evaluate import EvalConfig, evaluate_models, write_report
+from linearard.config import ConfigError, EvalConfig, RunConfig
+from linearard.evaluate import evaluate_models, write_report
 from linearard.models import build_teacher_student, save_merged
 from linearard.train import seed_everything
 
 
-def eval_config(cfg: RunConfig) -> EvalConfig:
-    """The run config's ``eval`` section in ``linearard.evaluate`` terms (lengths are multiples of ctx_len)."""
-    n = cfg.data.ctx_len
-    bad = [length for length in cfg.eval.lengths if length % n]
-    if bad:
-        raise ConfigError(f"eval.lengths: {bad} are not multiples of data.ctx_len {n}")
-    return EvalConfig(
-        ctx_len=n,
-        length_multipliers=tuple(length // n for length in cfg.eval.lengths),
-        ppl_tokens=cfg.eval.batches * cfg.eval.batch_size * n,
-        batch_size=cfg.eval.batch_size,
-        passkey_trials=cfg.eval.passkey_trials,
-        seed=cfg.train.seed,
-    )
+def eval_config(cfg: RunConfig, teacher: torch.nn.Module) -> EvalConfig:
+    """The run's ``eval`` section with the native context n resolved: ``eval.ctx_len`` or the teacher's
+    ``max_position_embeddings`` (short-text quality is measured where the teacher is at home)."""
+    n = cfg.eval.ctx_len or int(teacher.config.get_text_config().max_position_embeddings)
+    return dataclasses.replace(cfg.eval, ctx_len=n)
 
 
 def evaluate_restore(
-    cfg: RunConfig, checkpoint_dir: str | Path | None, texts: list[str], out_dir: str | Path
-) -> dict[str, Any]:
+    cfg: RunConfig, checkpoint_dir: str | Path | None, texts: list[str], out_dir: str | Path,
+    run_info: dict[str, Any] | None = None,) -> dict[str, Any]:
     """Evaluate teacher, scaled and (with ``checkpoint_dir``) restored; write ``out_dir/report`` and, with a
-    checkpoint, the merged model to ``out_dir/model``. Returns the report dict."""
+    checkpoint, the merged model to ``out_dir/model``. ``run_info`` (e.g. ``method``, ``tokens``,
+    ``train_seconds``) is copied into the report. Returns the report dict."""
     out_dir = Path(out_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(cfg.train.seed)
     teacher, student, tokenizer = build_teacher_student(cfg.model, cfg.lora, device)
     models = {"teacher": teacher, "scaled": student}
+    eval_cfg = eval_config(cfg, teacher)
     report = None
     if texts:
-        report = evaluate_models(models, tokenizer, texts, eval_config(cfg))
+        report = evaluate_models(models, tokenizer, texts, eval_cfg)
     if checkpoint_dir is not None:
         load_trainable(student, Path(checkpoint_dir) / "trainable.safetensors")
         if texts:
-            restored = evaluate_models({"restored": student}, tokenizer, texts, eval_config(cfg))
+            restored = evaluate_models({"restored": student}, tokenizer, texts, eval_cfg)
             report = _merge_reports(report, restored)
         save_merged(student, tokenizer, out_dir / "model")
     if report is not None:
+        report.update(run_info or {})
         write_report(report, out_dir / "report")
     return report or {}
 
@@ -95,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = RunConfig.from_yaml(args.config, overrides)
         if args.checkpoint and not (Path(args.checkpoint) / "trainable.safetensors").exists():
             raise ConfigError(f"--checkpoint: no trainable.safetensors in {args.checkpoint!r}")
-        eval_config(cfg)
         from pipelines.data import check_source, heldout_texts
         from pipelines.restore import init_ray
 

@@ -58,10 +58,8 @@ def parse_config(argv: list[str] | None, prog: str = "linearard restore") -> Run
     cfg.train.output_dir = str(Path(cfg.train.output_dir).expanduser().resolve())
     cfg.tracking.uri = _absolute_sqlite(cfg.tracking.uri)
     from pipelines.data import check_source
-    from pipelines.evaluate import eval_config
 
     check_source(cfg.data.source)
-    eval_config(cfg)
     return cfg
 
 
@@ -101,18 +99,29 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         )
         tracking.log_artifacts([output / "config.yaml"])
     try:
-        trainer = make_trainer(
-            cfg, {"train": training_blocks(cfg)},
-            run_name=f"train-{output.name}",
-            storage_path=_storage_path(cfg.ray.storage_path, output),
-            tracking={"uri": cfg.tracking.uri, "run_id": run_id} if run_id else None,
-        )
-        result = trainer.fit()
-        steps = int(result.metrics.get("step", 0))
-        if steps != cfg.train.steps or result.checkpoint is None:
-            raise RuntimeError(f"training stopped at step {steps} of {cfg.train.steps}")
+        # One Ray Train run per stage (ard+cpt has two); each resumes on its own, the next starts from the
+        # weights the last one ended with, and metrics continue the step count.
+        start, steps, tokens, result = time.time(), 0, 0, None
+        stages = cfg.stages()
+        for stage in stages:
+            if result is not None:
+                stage.train.init_from = result.checkpoint.path
+            suffix = f"-{stage.train.method}" if len(stages) > 1 else ""
+            trainer = make_trainer(
+                stage, {"train": training_blocks(stage)},
+                run_name=f"train-{output.name}{suffix}",
+                storage_path=_storage_path(cfg.ray.storage_path, output),
+                tracking={"uri": cfg.tracking.uri, "run_id": run_id, "step_offset": steps} if run_id else None,
+            )
+            result = trainer.fit()
+            done = int(result.metrics.get("step", 0))
+            if done != stage.train.steps or result.checkpoint is None:
+                raise RuntimeError(f"training stopped at step {done} of {stage.train.steps}")
+            steps, tokens = steps + done, tokens + int(result.metrics.get("tokens", 0))
+        run_info = {"method": cfg.train.method, "steps": steps, "tokens": tokens,
+                    "train_seconds": round(time.time() - start, 1)}
         finish = ray.remote(_finish).options(num_cpus=1, num_gpus=1 if cfg.ray.use_gpu else 0)
-        summary = ray.get(finish.remote(cfg.to_dict(), result.checkpoint, run_id, result.metrics))
+        summary = ray.get(finish.remote(cfg.to_dict(), result.checkpoint, run_id, run_info))
     except BaseException:
         if run_id:
             tracking.end_run(success=False)
@@ -122,7 +131,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     return {"run_id": run_id, "steps": steps, **summary}
 
 
-def _finish(cfg_dict: dict[str, Any], checkpoint: Any, run_id: str | None, metrics: dict[str, Any]) -> dict:
+def _finish(cfg_dict: dict[str, Any], checkpoint: Any, run_id: str | None, run_info: dict[str, Any]) -> dict:
     """Ray task: evaluate, merge, then (if tracked) log the report and register the model, in that order."""
     import mlflow
 
@@ -133,7 +142,7 @@ def _finish(cfg_dict: dict[str, Any], checkpoint: Any, run_id: str | None, metri
     cfg = RunConfig.from_dict(cfg_dict)
     output = Path(cfg.train.output_dir)
     with checkpoint.as_directory() as directory:
-        report = evaluate_restore(cfg, directory, heldout_texts(cfg), output)
+        report = evaluate_restore(cfg, directory, heldout_texts(cfg), output, run_info)
     summary: dict[str, Any] = {"model_dir": str(output / "model"), "gap_recovery": report.get("gap_recovery"),
                                "short_ppl": report.get("short_ppl")}
     if run_id is None:
@@ -150,7 +159,7 @@ def _finish(cfg_dict: dict[str, Any], checkpoint: Any, run_id: str | None, metri
             mlflow.log_metric("eval/gap_recovery", report["gap_recovery"])
         if cfg.tracking.registered_model_name:
             tags = {"teacher": cfg.model.teacher, "rope": cfg.model.rope, "trainable": cfg.model.trainable,
-                    "tokens_seen": int(metrics.get("tokens", 0)), "steps": int(metrics.get("step", 0)),
+                    "method": run_info["method"], "tokens_seen": run_info["tokens"], "steps": run_info["steps"],
                     "run_id": run_id}
             version = tracking.log_and_register_model(output / "model", cfg.tracking.registered_model_name, tags)
             summary.update(registered_model=version.name, version=version.version)
@@ -170,6 +179,9 @@ def main(argv: list[str] | None = None, prog: str = "linearard restore") -> int:
     except Exception as err:  # noqa: BLE001 - the traceback is in Ray's and MLflow's logs; the user gets one line
         print(f"{prog}: error: {type(err).__name__}: {_first_line(err)}", file=sys.stderr)
         return 1
+    report_md = Path(cfg.train.output_dir) / "report" / "report.md"
+    if report_md.exists():
+        print(report_md.read_text())
     registered = (f"registered {summary['registered_model']} version {summary['version']}"
                   if "version" in summary else "not registered")
     print(f"{prog}: done in {time.time() - start:.0f}s: {summary['steps']} steps, gap recovery "

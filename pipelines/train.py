@@ -1,13 +1,13 @@
 """Ray Train: FSDP2-sharded teacher/student workers running the LinearARD step.
 
 Every worker builds the teacher and the student (same seed, so the same LoRA init on every rank), shards
-both with PyTorch's FSDP2 ``fully_shard`` (each decoder layer, then the root; the frozen teacher too, so a
-7B pair costs each GPU half its weights), and hands them to :class:`linearard.train.Trainer`. Batches come
-from the Ray Data shard of this worker (``get_dataset_shard("train")``), streamed epoch after epoch with a
-seeded local shuffle. After each optimizer step the metrics are averaged over the workers, appended to the
-MLflow run by rank 0 and passed to ``ray.train.report``; every ``train.checkpoint_every`` steps and at the end
-the report carries a checkpoint (the Trainer's format: trainable weights, optimizer, scheduler, step, data
-position; one RNG file per rank, all merged by Ray into one folder). A restarted worker group
+both with FSDP2 (``linearard.distributed.shard_teacher_student``) and hands them to
+:class:`linearard.train.Trainer`. Batches come from the Ray Data shard of this worker
+(``get_dataset_shard("train")``), streamed epoch after epoch with a seeded local shuffle. After each optimizer
+step the metrics are averaged over the workers, appended to the MLflow run by rank 0 and passed to
+``ray.train.report``; every ``train.checkpoint_every`` steps and at the end the report carries a checkpoint
+(the Trainer's format: trainable weights, optimizer, scheduler, step, data position; one RNG file per rank,
+all merged by Ray into one folder). A restarted worker group
 (``FailureConfig(max_failures)``) resumes from ``ray.train.get_checkpoint()``: weights, optimizer, schedule and
 step exactly, and the data position by skipping as many batches as were consumed (exact when the stream
 replays the same order, as it does for a fixed block order and seed).
@@ -24,15 +24,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import ray.train
+from ray.experimental import tqdm_ray
 import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from torch import nn
-from torch.distributed.fsdp import fully_shard
 
 from linearard.config import RunConfig
+from linearard.distributed import shard_teacher_student
 from linearard.models import build_teacher_student
 from linearard.train import Trainer, seed_everything
 from pipelines.tracking import StepLogger
@@ -83,8 +83,7 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     seed_everything(cfg.train.seed)
     teacher, student, _ = build_teacher_student(cfg.model, cfg.lora, device)
-    shard_model(teacher)
-    shard_model(student, reshard_after_forward=False)
+    shard_teacher_student(teacher, student)
     trainer = Trainer(cfg, teacher, student, device=device)
 
     checkpoint = ray.train.get_checkpoint()
@@ -94,17 +93,24 @@ def train_loop(config: dict[str, Any]) -> None:
     start_step = trainer.step
     tracking = config.get("tracking")
     log_step = StepLogger(tracking["uri"], tracking["run_id"]) if tracking and rank == 0 else None
+    offset = tracking.get("step_offset", 0) if tracking else 0  # a later stage continues the step axis
     if log_step is not None and checkpoint is not None:
-        log_step({"resumed_from_step": start_step}, start_step)  # a restart shows in the run's metrics
+        log_step({"resumed_from_step": start_step}, offset + start_step)  # a restart shows in the metrics
     fail_at = config.get("fail_once_at_step")
     fail_rank = min(1, ray.train.get_context().get_world_size() - 1)
+    # Ray's tqdm: one bar in the driver's console (rank 0's), not a line per update from every worker
+    bar = tqdm_ray.tqdm(total=cfg.train.steps, desc=f"{cfg.train.method} steps", position=0) if rank == 0 else None
+    if bar is not None and start_step:
+        bar.update(start_step)
 
     batches = itertools.islice(_batches(cfg, rank), trainer.batches_seen, None)
     while trainer.step < cfg.train.steps:
         metrics = _mean_over_workers(trainer.train_step(next(batches)))
         metrics["step"] = trainer.step
+        if bar is not None:
+            bar.update(1)
         if log_step is not None and trainer.step % cfg.train.log_every == 0:
-            log_step(metrics, trainer.step)
+            log_step(metrics, offset + trainer.step)
         if fail_at == trainer.step and start_step == 0 and rank == fail_rank:
             # The test hook: once Ray Train has committed the checkpoints reported so far, this worker process
             # dies without a word, as a killed one would.
@@ -118,21 +124,8 @@ def train_loop(config: dict[str, Any]) -> None:
                                  checkpoint_dir_name=f"step-{trainer.step:08d}")
         else:
             ray.train.report(metrics)
-
-
-def shard_model(model: nn.Module, reshard_after_forward: bool = True) -> nn.Module:
-    """FSDP2: ``fully_shard`` every decoder layer (the model's ``_no_split_modules`` classes), then the root.
-
-    The student must keep its layers gathered between forward and backward (``reshard_after_forward=False``):
-    its relation loss is taken inside each attention call, so part of the gradient reaches a layer's weights
-    without passing through the layer's output, where FSDP2 hooks the re-gather for backward.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layer_classes = set(getattr(base, "_no_split_modules", None) or ())
-    for module in [m for m in model.modules() if type(m).__name__ in layer_classes]:
-        fully_shard(module, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, reshard_after_forward=reshard_after_forward)
-    return model
+    if bar is not None:
+        bar.close()
 
 
 def _batches(cfg: RunConfig, rank: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -150,8 +143,9 @@ def _batches(cfg: RunConfig, rank: int) -> Iterator[dict[str, torch.Tensor]]:
             device="cpu",
         ):
             produced += 1
-            ids = batch["input_ids"]
-            out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            # Blocks are full (no padding), so no attention_mask: an all-ones one would only cost transformers a
+            # host sync per forward to find it all ones, and the relation op a mask it need not read.
+            out = {"input_ids": batch["input_ids"]}
             if "segment_ids" in batch:
                 out["segment_ids"] = batch["segment_ids"]
             yield out

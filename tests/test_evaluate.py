@@ -124,6 +124,17 @@ def test_evaluate_models_writes_report_and_plots(teacher, scaled, tokenizer, eva
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)  # no temp left
 
 
+def test_passkey_trials_zero_skips_the_passkey_test(teacher, tokenizer, eval_texts, tmp_path):
+    cfg = EvalConfig(ctx_len=128, length_multipliers=[1], ppl_tokens=256, batch_size=4, passkey_trials=0)
+    report = evaluate_models({"teacher": teacher}, tokenizer, eval_texts, cfg)
+    assert report["passkey"] == {} and report["passkey_grid"] == {} and report["short_ppl"]["teacher"] > 1
+    report.update(method="ard", tokens=204800)
+    paths = write_report(report, tmp_path)
+    assert sorted(p.name for p in paths) == ["ppl_vs_length.png", "report.json", "report.md"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "Passkey" not in markdown and "method ard; training tokens 204,800." in markdown
+
+
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval is installed")
 def test_lm_eval_without_the_extra_says_how_to_install(teacher, tokenizer):
     with pytest.raises(ImportError, match=r"linearard\[eval\]"):

@@ -7,12 +7,14 @@ scaled RoPE. Bad input must fail fast with one error line and register nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -25,8 +27,8 @@ def restore_args(model: Path, corpus: Path, output: Path, uri: str, name: str) -
             "--workers", "2", "--data.source", str(corpus), "--data.ctx_len", "32", "--data.mode", "packed",
             "--train.steps", str(STEPS), "--train.batch_size", "2", "--train.grad_accum", "2",
             "--train.checkpoint_every", "2", "--optim.warmup_steps", "1", "--optim.lr", "1e-3",
-            "--lora.r", "4", "--lora.alpha", "8", "--eval.lengths", "[32, 64]", "--eval.batches", "2",
-            "--eval.batch_size", "2", "--eval.passkey_trials", "1", "--tracking.registered_model_name", name]
+            "--lora.r", "4", "--lora.alpha", "8", "--eval.ctx_len", "32", "--eval.length_multipliers", "[1, 2]",
+            "--eval.ppl_tokens", "128", "--eval.batch_size", "2", "--eval.passkey_trials", "1", "--tracking.registered_model_name", name]
 
 
 def check_registered(uri: str, name: str, rope_factor: float) -> dict:
@@ -81,6 +83,30 @@ def test_restore_resumes_after_a_worker_failure(ray_cluster, mlflow_server, tiny
     checkpoints = sorted(p.name for p in (tmp_path / "out" / "ray").glob("*/step-*"))
     assert checkpoints == ["step-00000002", f"step-{STEPS:08d}"]
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+
+
+def test_ard_then_cpt_runs_two_stages_on_one_step_axis(ray_cluster, mlflow_server, tiny_model, word_corpus,
+                                                      tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    name = "tiny-ard-cpt"
+    args = restore_args(tiny_model("llama"), word_corpus, tmp_path / "out", mlflow_server, name)
+    args += ["--workers", "1", "--train.method", "ard+cpt", "--train.cpt_steps", "1", "--train.batch_size", "4",
+             "--train.grad_accum", "1", "--train.checkpoint_every", "0"]
+    proc = subprocess.run([sys.executable, "-m", "pipelines.restore", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
+    # 3 ARD steps of 4 x 32 tokens, then 1 CPT step of 1 x 128 (4n) tokens, the CPT stage from the ARD weights
+    assert report["method"] == "ard+cpt" and report["steps"] == STEPS and report["tokens"] == 3 * 4 * 32 + 128
+    assert sorted(p.parent.name for p in (tmp_path / "out" / "ray").glob("*/step-*")) == [
+        "train-out-ard", "train-out-cpt"]
+    cpt_config = yaml.safe_load(next((tmp_path / "out" / "ray").glob("train-out-cpt/step-*/config.yaml")).read_text())
+    assert cpt_config["train"]["init_from"].endswith("step-00000003") and cpt_config["loss"]["lm"] == 1.0
+    tags = check_registered(mlflow_server, name, 4.0)
+    client = MlflowClient(mlflow_server)
+    assert [int(m.step) for m in client.get_metric_history(tags["run_id"], "ard_q")] == [1, 2, 3]
+    assert [int(m.step) for m in client.get_metric_history(tags["run_id"], "lm")] == [4]
 
 
 @pytest.mark.parametrize("case", ["bad_key", "bad_value", "missing_model", "missing_data"])

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from linearard.config import RunConfig
+from linearard.distributed import shard_teacher_student
 from linearard.models import build_teacher_student
 from linearard.train import Trainer, latest_checkpoint, seed_everything
 
@@ -94,17 +95,13 @@ def test_exact_resume(tiny_model, tmp_path):
 
 def _fsdp_worker(rank, path, out, port):
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     cfg = _cfg(path, out, steps=3, batch_size=2, grad_accum=2, checkpoint_every=0)
     cfg.lora.dropout, cfg.optim.warmup_steps, cfg.model.gradient_checkpointing = 0.0, 0, True
     seed_everything(0)
     teacher, student, _ = build_teacher_student(cfg.model, cfg.lora)
-    for model in (teacher, student):  # as pipelines.train does: every decoder layer, then the root
-        for layer in [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]:
-            fully_shard(layer)
-        fully_shard(model)
+    shard_teacher_student(teacher, student)  # as the Ray Train worker does
     trainer = Trainer(cfg, teacher, student)
     losses = [trainer.train_step({"input_ids": b["input_ids"][2 * rank:2 * rank + 2]})["loss"] for b in _batches(3)]
     trainer.save_checkpoint(out / "checkpoints")  # collective: gathers full state on every rank

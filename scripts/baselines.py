@@ -1,0 +1,97 @@
+"""Run every restoring method through the main job on the same model, data and tokens, and tabulate them.
+
+    python scripts/baselines.py [--out runs/baselines] [--table docs/baselines.md] [-- extra restore args]
+
+Each method is one ``linearard restore --train.method M`` run (the same Ray pipeline, data, evaluation and
+MLflow store, one registered model per method); CPT runs again at 10x the tokens. Finished runs (their
+``report/report.json`` exists) are not run again, so an interrupted sweep resumes. The table has short-text
+perplexity at n, long perplexity and passkey accuracy at the longest evaluated length, training tokens and
+training wall time; the raw reports are gathered into ``<out>/baselines.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# (row name, restore arguments); "cpt x10" trains 10x the steps of the others.
+RUNS = [
+    ("ard", ["--train.method", "ard"]),
+    ("cpt", ["--train.method", "cpt"]),
+    ("logits_kd", ["--train.method", "logits_kd"]),
+    ("hidden_cosine", ["--train.method", "hidden_cosine"]),
+    ("ard+cpt", ["--train.method", "ard+cpt"]),
+    ("cpt x10", ["--train.method", "cpt", "--train.steps", "{steps10}"]),
+]
+
+
+def run_all(out: Path, extra: list[str], steps: int, only: list[str] | None) -> dict[str, dict]:
+    reports = {}
+    for name, args in RUNS:
+        if only and name not in only:
+            continue
+        folder = out / name.replace(" ", "_").replace("+", "_")
+        report_path = folder / "report" / "report.json"
+        if not report_path.exists():
+            args = [a.format(steps10=10 * steps) for a in args]
+            command = [sys.executable, "-m", "pipelines.restore", "--output", str(folder),
+                       "--tracking-uri", f"sqlite:///{(out / 'mlflow.db').resolve()}",
+                       "--tracking.registered_model_name", f"linearard-{folder.name}", "--train.steps", str(steps),
+                       *args, *extra]
+            print(f"[baselines] {name}: {' '.join(command[2:])}", flush=True)
+            start = time.time()
+            subprocess.run(command, check=True)
+            print(f"[baselines] {name}: done in {time.time() - start:.0f}s", flush=True)
+        reports[name] = json.loads(report_path.read_text())
+    return reports
+
+
+def table(reports: dict[str, dict]) -> str:
+    first = next(iter(reports.values()))
+    n, longest = first["ctx_len"], first["lengths"][-1]
+    passkey = bool(first.get("passkey"))
+    head = (f"| method | PPL@{n} | gap recovery | PPL@{longest} |" + (f" passkey@{n} | passkey@{longest} |" if passkey
+            else "") + " tokens | train s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def row(name: str, model: str, report: dict, tokens: str, seconds: str, recovery: str) -> str:
+        cells = [name, f"{report['short_ppl'][model]:.3f}", recovery, f"{report['long_ppl'][model]:.3f}"]
+        if passkey:
+            grid = report["passkey_grid"][model]
+            cells += [f"{sum(grid[str(n)].values()) / len(grid[str(n)]):.2f}", f"{report['passkey'][model]:.2f}"]
+        return "| " + " | ".join(cells + [tokens, seconds]) + " |"
+
+    lines.append(row("teacher (native RoPE)", "teacher", first, "—", "—", "—"))
+    lines.append(row("scaled, not restored", "scaled", first, "0", "—", "0%"))
+    for name, report in reports.items():
+        recovery = f"{100 * report['gap_recovery']:.1f}%" if report.get("gap_recovery") is not None else "—"
+        lines.append(row(name, "restored", report, f"{report.get('tokens', 0):,}",
+                         f"{report.get('train_seconds', 0):.0f}", recovery))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/baselines", help="one folder per method, plus mlflow.db")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of each method (CPT x10: 10x)")
+    parser.add_argument("--only", nargs="*", help="run only these rows (e.g. ard cpt)")
+    parser.add_argument("--table", help="also write the Markdown table to this file")
+    args, extra = parser.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    reports = run_all(out, extra, args.steps, args.only)
+    (out / "baselines.json").write_text(json.dumps(reports, indent=1) + "\n")
+    text = table(reports)
+    print(text)
+    if args.table:
+        Path(args.table).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
