@@ -1,6 +1,7 @@
 """relation_kl fwd+bwd: time and peak extra memory per backend, against a dense PyTorch baseline (T×T maps)
 and torch SDPA flash attention at the same shape; exactness of bf16 against the float64 reference first.
-Prints a table last and writes JSON.
+The Triton backend is timed with both backward variants side by side: "triton" (dQ by fp32 atomics) and
+"triton det" (``deterministic=True``: a row-parallel dQ pass, no atomics). Prints a table last and writes JSON.
 
     python benchmarks/relation_kl.py            # CUDA: the issue-3 sweep (B=1, H=32, D=128, bf16, causal)
     python benchmarks/relation_kl.py --quick    # CPU: small T, torch backend vs dense (ratios only)
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import math
 import os
@@ -166,8 +168,12 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
-def check_exact(name, backend, B, H, Hc, Hct, T, Ds, Dt, causal, padded, segmented, self_rel, device, dtype,
-                checks, seed=1):
+def label(backend, deterministic):
+    return "triton-det" if backend == "triton" and deterministic else backend
+
+
+def check_exact(name, backend, deterministic, B, H, Hc, Hct, T, Ds, Dt, causal, padded, segmented, self_rel,
+                device, dtype, checks, seed=1):
     """Loss and grads of `backend` in `dtype` vs the dense float64 reference on the same (rounded) inputs."""
     x = inputs(B, H, Hc, Hct, T, Ds, Dt, dtype, device, self_rel, seed)
     kw = dict(causal=causal)
@@ -179,7 +185,7 @@ def check_exact(name, backend, B, H, Hc, Hct, T, Ds, Dt, causal, padded, segment
     if segmented:
         g = torch.Generator(device=device).manual_seed(seed)
         kw["segment_ids"] = torch.cumsum(torch.rand(B, T, generator=g, device=device) < 4.0 / T, dim=1)
-    loss = relation_kl(*x, **kw, backend=backend)
+    loss = relation_kl(*x, **kw, backend=backend, deterministic=deterministic)
     loss.backward()
     grads = [t.grad for t in leaves(x)]
     ref_x = [t.detach().double() for t in x]
@@ -192,7 +198,7 @@ def check_exact(name, backend, B, H, Hc, Hct, T, Ds, Dt, causal, padded, segment
     ref = relation_kl_dense(*ref_x, **kw)
     ref.backward()
     ref_grads = [t.grad for t in leaves(ref_x)]
-    row = {"case": name, "backend": backend, "dtype": str(dtype).split(".")[-1], "T": T,
+    row = {"case": name, "backend": label(backend, deterministic), "dtype": str(dtype).split(".")[-1], "T": T,
            "loss_rel_err": rel(loss, ref), **{f"grad{i}_rel_err": rel(g, r) for i, (g, r) in
                                              enumerate(zip(grads, ref_grads))}}
     row["ok"] = all(v < 1e-2 for k, v in row.items() if k.endswith("rel_err")) and bool(torch.isfinite(loss))
@@ -204,10 +210,9 @@ def check_exact(name, backend, B, H, Hc, Hct, T, Ds, Dt, causal, padded, segment
 
 def check_tail(T, device, dtype, checks, n=64, H=32, D=128):
     """At long T no dense map fits: check the last n rows (KL, dQ) and last n columns (dK, which only those
-    rows reach under the causal mask) and the first n rows' KL, against float64 computed for those rows only."""
+    rows reach under the causal mask) and the first n rows' KL, against float64 computed for those rows only;
+    both backward variants against one reference."""
     x = inputs(1, H, H, H, T, D, D, dtype, device, seed=2)
-    kl = relation_kl(*x, reduction="none", backend="triton")
-    kl.sum().backward()
     scale = 1 / math.sqrt(D)
     q = x[0][:, :, -n:].detach().double().requires_grad_(True)
     k = x[1].detach().double().requires_grad_(True)
@@ -216,18 +221,33 @@ def check_tail(T, device, dtype, checks, n=64, H=32, D=128):
     lp_s = torch.where(valid, (scale * q @ k.transpose(-1, -2)).masked_fill(~valid, -math.inf).log_softmax(-1), 0)
     lp_t = torch.where(valid, (scale * qt @ kt.transpose(-1, -2)).masked_fill(~valid, -math.inf).log_softmax(-1), 0)
     kl_ref = torch.where(valid, lp_t.exp() * (lp_t - lp_s), 0.0).sum(-1)
-    del lp_t
+    del lp_t, lp_s, qt, kt
     kl_ref.sum().backward()
     head = relation_kl_dense(*(t[:, :, :n].detach() for t in x), reduction="none")
-    row = {"case": f"tail+head rows T={T}", "backend": "triton", "dtype": str(dtype).split(".")[-1], "T": T,
-           "loss_rel_err": rel(kl[:, :, -n:], kl_ref), "head_kl_rel_err": rel(kl[:, :, :n], head),
-           "grad0_rel_err": rel(x[0].grad[:, :, -n:], q.grad),
-           "grad1_rel_err": rel(x[1].grad[:, :, -n:], k.grad[:, :, -n:])}
-    row["ok"] = all(v < 1e-2 for k_, v in row.items() if k_.endswith("rel_err"))
-    checks.append(row)
-    print(json.dumps(row), flush=True)
-    del x, q, k, qt, kt, kl_ref
+    for deterministic in (False, True):
+        for t in leaves(x):
+            t.grad = None
+        kl = relation_kl(*x, reduction="none", backend="triton", deterministic=deterministic)
+        kl.sum().backward()
+        row = {"case": f"tail+head rows T={T}", "backend": label("triton", deterministic),
+               "dtype": str(dtype).split(".")[-1], "T": T, "loss_rel_err": rel(kl[:, :, -n:], kl_ref),
+               "head_kl_rel_err": rel(kl[:, :, :n], head), "grad0_rel_err": rel(x[0].grad[:, :, -n:], q.grad),
+               "grad1_rel_err": rel(x[1].grad[:, :, -n:], k.grad[:, :, -n:])}
+        row["ok"] = all(v < 1e-2 for k_, v in row.items() if k_.endswith("rel_err"))
+        checks.append(row)
+        print(json.dumps(row), flush=True)
+        del kl
+    del x, q, k, kl_ref
     torch.cuda.empty_cache()
+
+
+def tuned_configs():
+    """The tile each Triton autotuner picked, per tuning key (empty if the Triton backend never ran)."""
+    module = sys.modules.get("linearard.kernels.relation_kl_triton")
+    if module is None:
+        return {}
+    return {name: {str(key): str(config) for key, config in getattr(module, name).cache.items()}
+            for name in ("_fwd", "_dq", "_dk", "_dk_dq_atomic")}
 
 
 def guarded(check, *args):
@@ -243,7 +263,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU-sized sweep")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: $OUT or benchmarks/results)")
-    parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--skip-checks", action="store_true", help="no exactness checks (timings only)")
+    parser.add_argument("--max-t", type=int, default=None,
+                        help="longest T of the sweep and the tail checks (default 128K on CUDA)")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available() and not args.quick
@@ -251,7 +273,8 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     card = torch.cuda.get_device_name().replace(" ", "-") if cuda else "cpu"
     date = datetime.date.today().isoformat()
-    meta = {"date": date, "card": card, "torch": torch.__version__, "device": str(device), "dtype": str(dtype)}
+    meta = {"date": date, "card": card, "torch": torch.__version__, "device": str(device), "dtype": str(dtype),
+            "deterministic_default": inspect.signature(relation_kl).parameters["deterministic"].default}
     try:
         import triton
         meta["triton"] = triton.__version__
@@ -259,6 +282,8 @@ def main() -> None:
         pass
     print(json.dumps(meta), flush=True)
     checks, sweep, variants = [], [], []
+    started = time.perf_counter()
+    elapsed = meta["elapsed_s"] = {}  # per section, compiling and autotuning included
 
     if cuda and not args.skip_checks:
         # name, B, H, Hc, Hct, T, Ds, Dt, causal, padded, segmented, self_rel
@@ -267,26 +292,29 @@ def main() -> None:
                   ("D256 GQA H/8 non-causal", 1, 8, 1, 1, 777, 256, 256, False, False, False, False),
                   ("self-relation Ds!=Dt", 1, 4, 4, 4, 1500, 128, 64, True, True, False, True)]
         for s in shapes:
-            for backend in ("triton", "torch"):
-                guarded(check_exact, s[0], backend, *s[1:], device, dtype, checks)
-        for T in (64 * K, 128 * K):
-            guarded(check_tail, T, device, dtype, checks)
+            for backend, deterministic in (("triton", False), ("triton", True), ("torch", False)):
+                guarded(check_exact, s[0], backend, deterministic, *s[1:], device, dtype, checks)
+        elapsed["checks"] = time.perf_counter() - started
 
     H, D = (32, 128) if cuda else (4, 64)
     Ts = [1 * K, 2 * K, 4 * K, 8 * K, 16 * K, 32 * K, 64 * K, 128 * K] if cuda else [256, 512, 1 * K, 2 * K]
+    Ts = [T for T in Ts if args.max_t is None or T <= args.max_t]
     for T in Ts:
         x = inputs(1, H, H, H, T, D, D, dtype, device)
         in_bytes = nbytes(*x)
         if cuda:
             measure("sdpa-flash", sdpa_step(1, H, H, T, D, device, dtype), device, sweep, T=T)
             measure("sdpa-flash fwd", sdpa_step(1, H, H, T, D, device, dtype, True), device, sweep, T=T)
-            measure("triton", kl_step(x, "triton"), device, sweep, T=T, input_bytes=in_bytes)
+            measure("triton", kl_step(x, "triton", deterministic=False), device, sweep, T=T, input_bytes=in_bytes)
+            measure("triton det", kl_step(x, "triton", deterministic=True), device, sweep, T=T,
+                    input_bytes=in_bytes)
             measure("triton fwd", kl_forward(x, "triton"), device, sweep, T=T, input_bytes=in_bytes)
         if T <= (16 * K if cuda else 2 * K):
             measure("torch", kl_step(x, "torch"), device, sweep, T=T, input_bytes=in_bytes)
         if T <= (8 * K if cuda else 1 * K):
             measure("dense", kl_step(x, "dense"), device, sweep, T=T, input_bytes=in_bytes)
         del x
+    elapsed["sweep"] = time.perf_counter() - started - sum(elapsed.values())
 
     if cuda:  # other head sizes, GQA, masks, self-relations at 8K
         T = 8 * K
@@ -302,17 +330,26 @@ def main() -> None:
                 mask[:, -T // 8:] = False
                 kw = dict(mask=mask, segment_ids=torch.arange(T, device=device)[None] // (T // 4))
             sd = measure(f"sdpa-flash {name}", sdpa_step(1, 32, Hc, T, Ds, device, dtype), device, variants, T=T)
-            tr = measure(f"triton {name}", kl_step(x, "triton", **kw), device, variants, T=T,
-                         input_bytes=nbytes(*x))
-            if sd.get("ms") and tr.get("ms"):
-                tr["ratio_vs_sdpa"] = tr["ms"] / sd["ms"]
+            for case, deterministic in ((f"triton {name}", False), (f"triton det {name}", True)):
+                tr = measure(case, kl_step(x, "triton", **kw, deterministic=deterministic), device, variants, T=T,
+                             input_bytes=nbytes(*x))
+                if sd.get("ms") and tr.get("ms"):
+                    tr["ratio_vs_sdpa"] = tr["ms"] / sd["ms"]
             del x
+        elapsed["variants"] = time.perf_counter() - started - sum(elapsed.values())
+
+    if cuda and not args.skip_checks:  # after the sweep, so that T = 8K, not 64K, tunes the longest T bucket
+        for T in (64 * K, 128 * K):
+            if args.max_t is None or T <= args.max_t:
+                guarded(check_tail, T, device, dtype, checks)
+        elapsed["tail checks"] = time.perf_counter() - started - sum(elapsed.values())
 
     out = args.out
     if out is None:
         out = Path(os.environ["OUT"]) / "relation_kl.json" if os.environ.get("OUT") else \
             ROOT / "benchmarks" / "results" / f"relation_kl-{date}-{card}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    meta["tuned"] = tuned_configs()
     out.write_text(json.dumps({"meta": meta, "checks": checks, "sweep": sweep, "variants": variants}, indent=1))
 
     def ms(case, T):
@@ -326,25 +363,32 @@ def main() -> None:
     def f(v, fmt="{:.2f}"):
         return "-" if v is None else fmt.format(v)
 
-    print(f"\n{meta}")
+    print(f"\n{ {k: v for k, v in meta.items() if k != 'tuned'} }")
     if checks:
         print("\nexactness (rel err vs float64):")
         for c in checks:
             errs = " ".join(f"{k.replace('_rel_err', '')}={v:.1e}" for k, v in c.items() if k.endswith("rel_err"))
-            print(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['backend']:6s} {c['case']:32s} {errs} {c.get('error', '')}")
+            print(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['backend']:10s} {c['case']:32s} {errs} {c.get('error', '')}")
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
     print(f"\nfwd+bwd ms, B=1 H={H} D={D} {str(dtype).split('.')[-1]} causal (ratio = triton / sdpa-flash; "
-          "mem = peak extra / inputs)")
-    print(f"{'T':>7} {'sdpa':>8} {'triton':>9} {'ratio':>6} {'tr.mem':>6} {'tr.fwd':>8} {'sd.fwd':>8} "
-          f"{'torch':>9} {'t.mem':>6} {'dense':>9} {'d.mem':>6}")
+          "triton = dQ by atomics, det = deterministic backward; mem = peak extra / inputs)")
+    print(f"{'T':>7} {'sdpa':>8} {'triton':>9} {'ratio':>6} {'det':>9} {'ratio':>6} {'det/tr':>6} {'tr.mem':>6} "
+          f"{'det.mem':>7} {'tr.fwd':>8} {'sd.fwd':>8} {'torch':>9} {'t.mem':>6} {'dense':>9} {'d.mem':>6}")
     for T in Ts:
-        sd, tr = ms("sdpa-flash", T), ms("triton", T)
-        print(f"{T:>7} {f(sd):>8} {f(tr):>9} {f(tr / sd if sd and tr else None):>6} {f(mem('triton', T)):>6} "
+        sd, tr, det = ms("sdpa-flash", T), ms("triton", T), ms("triton det", T)
+        print(f"{T:>7} {f(sd):>8} {f(tr):>9} {f(ratio(tr, sd)):>6} {f(det):>9} {f(ratio(det, sd)):>6} "
+              f"{f(ratio(det, tr)):>6} {f(mem('triton', T)):>6} {f(mem('triton det', T)):>7} "
               f"{f(ms('triton fwd', T)):>8} {f(ms('sdpa-flash fwd', T)):>8} {f(ms('torch', T)):>9} "
               f"{f(mem('torch', T)):>6} {f(ms('dense', T)):>9} {f(mem('dense', T)):>6}")
     if variants:
-        print("\nT=8K variants (ms):")
+        print("\nT=8K variants (ms, ratio vs sdpa-flash with the same D / GQA):")
         for r in variants:
-            print(f"  {r['case']:28s} {f(r.get('ms')):>8} {f(r.get('ratio_vs_sdpa')):>6}")
+            print(f"  {r['case']:32s} {f(r.get('ms')):>8} {f(r.get('ratio_vs_sdpa')):>6} {r.get('error', '')}")
+    print(f"\nseconds per section: { {k: round(v) for k, v in elapsed.items()} }, "
+          f"total {time.perf_counter() - started:.0f}")
     print(f"\nwrote {out}")
 
 

@@ -40,6 +40,7 @@ def relation_kl(
     causal: bool = True,
     reduction: str = "sum",
     backend: str = "auto",
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Σ over rows and heads of KL(P_teacher(i,·) ‖ P_student(i,·)) of two relation maps, in linear memory.
 
@@ -58,15 +59,19 @@ def relation_kl(
             ``"none"`` (``[B, H, T]``, 0 on rows that are not counted).
         backend: ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``"torch"``, or
             ``"auto"`` (triton on CUDA where it supports the dtype and head size, else torch).
+        deterministic: bit-identical gradients from run to run. The triton backend then computes dQ in a
+            separate row-parallel pass instead of adding it with fp32 atomics; the torch backend is always
+            deterministic.
 
     Returns:
         The loss in float32 (float64 for float64 inputs). A row is counted when ``mask`` is true there and it
         has at least one valid column; other rows contribute 0 and no gradient.
 
     Raises:
-        ValueError: bad ranks, shapes, head counts, devices, dtypes, mask/segment shapes, backend or reduction.
+        ValueError: bad ranks, shapes, head counts, devices, dtypes, mask/segment shapes, flags, backend or
+            reduction.
     """
-    _check(s_rows, s_cols, t_rows, t_cols, mask, segment_ids, causal, reduction, backend)
+    _check(s_rows, s_cols, t_rows, t_cols, mask, segment_ids, causal, reduction, backend, deterministic)
     ds, dt = s_rows.shape[-1], t_rows.shape[-1]
     scale_s = _scale("scale_s", scale_s, ds)
     scale_t = _scale("scale_t", scale_t, dt)
@@ -83,10 +88,12 @@ def relation_kl(
             raise ValueError(f"backend='triton' supports float32/bfloat16/float16 inputs, got {s_rows.dtype}")
         if max(ds, dt) > _TRITON_MAX_D:
             raise ValueError(f"backend='triton' supports head sizes up to {_TRITON_MAX_D}, got Ds={ds}, Dt={dt}")
-        from .relation_kl_triton import relation_kl_rows as rows_fn
+        from .relation_kl_triton import relation_kl_rows
+
+        kl = relation_kl_rows(s_rows, s_cols, t_rows, t_cols, scale_s, scale_t, mask, segment_ids, causal,
+                              deterministic)
     else:
-        rows_fn = _rows_torch
-    kl = rows_fn(s_rows, s_cols, t_rows, t_cols, scale_s, scale_t, mask, segment_ids, causal)
+        kl = _rows_torch(s_rows, s_cols, t_rows, t_cols, scale_s, scale_t, mask, segment_ids, causal)
     if reduction == "none":
         return kl
     if reduction == "sum":
@@ -108,7 +115,7 @@ def _scale(name: str, value: float | None, d: int) -> float:
     return float(value)
 
 
-def _check(s_rows, s_cols, t_rows, t_cols, mask, segment_ids, causal, reduction, backend) -> None:
+def _check(s_rows, s_cols, t_rows, t_cols, mask, segment_ids, causal, reduction, backend, deterministic) -> None:
     named = {"s_rows": s_rows, "s_cols": s_cols, "t_rows": t_rows, "t_cols": t_cols}
     for name, x in named.items():
         if not isinstance(x, torch.Tensor):
@@ -151,8 +158,9 @@ def _check(s_rows, s_cols, t_rows, t_cols, mask, segment_ids, causal, reduction,
             raise ValueError(f"{name} must be {allowed}, got {x.dtype}")
     if segment_ids is not None and segment_ids.dtype == torch.bool:
         raise ValueError(f"segment_ids must be integer, got {segment_ids.dtype}")
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got {causal!r}")
+    for name, flag in (("causal", causal), ("deterministic", deterministic)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
     if reduction not in ("sum", "mean", "none"):
         raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
     if backend not in ("auto", "torch", "triton"):

@@ -94,7 +94,7 @@ class LossConfig:
 
     q: float = 1.0  # Q/Q relation weight
     k: float = 1.0  # K/K
-    v: float = 1.0  # V/V
+    v: float = 3.0  # V/V (weighted up: on the bundled model V/V recovers the most per token, docs/tiny-model.md)
     layers: list[int] | None = None  # layers whose relations are distilled; None = all (negative = from the end)
     lm: float = 0.0  # next-token cross-entropy on the student
     logits_kd: float = 0.0  # KL(teacher || student) of next-token distributions
@@ -108,7 +108,7 @@ class LossConfig:
 class OptimConfig:
     """AdamW, linear warmup then cosine to min_lr_ratio × lr, gradient-norm clipping."""
 
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -137,8 +137,8 @@ class TrainConfig:
     method: str = "ard"  # ard | cpt | logits_kd | hidden_cosine | ard+cpt (see METHODS)
     cpt_steps: int | None = None  # ard+cpt: steps of the CPT stage (None = steps // 4), part of `steps`
     init_from: str | None = None  # a checkpoint folder whose trainable weights the student starts from
-    steps: int = 100  # optimizer steps
-    batch_size: int = 8  # sequences per optimizer step (split into grad_accum micro-batches)
+    steps: int = 400  # optimizer steps
+    batch_size: int = 4  # sequences per optimizer step (split into grad_accum micro-batches)
     grad_accum: int = 1
     seed: int = 0
     autocast_bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)

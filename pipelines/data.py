@@ -109,13 +109,14 @@ def block_dataset(
     mode: str = "per_document",
     documents_per_batch: int = 8,
     trust_remote_code: bool = False,
-    concurrency: int = 1,
+    tokenizer_actors: int = 1,
 ) -> ray.data.Dataset:
     """Tokenise and cut documents into ``ctx_len`` blocks (see :mod:`linearard.data` for the two modes).
 
     Rows: ``input_ids int64[ctx_len]``, ``doc_index`` and, when packed, ``segment_ids int64[ctx_len]``.
     ``documents_per_batch`` documents are tokenised together; in packed mode they are also the group that is
-    packed, so the tail dropped per group is under ``ctx_len`` tokens.
+    packed, so the tail dropped per group is under ``ctx_len`` tokens. ``tokenizer_actors`` actors (each
+    loads the tokenizer once) do the work.
     """
     if mode not in PACK_MODES:
         raise ValueError(f"unknown pack mode {mode!r}; expected one of {PACK_MODES}")
@@ -129,7 +130,7 @@ def block_dataset(
         },
         batch_size=documents_per_batch,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=tokenizer_actors),
     )
 
 

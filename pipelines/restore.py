@@ -74,7 +74,8 @@ def init_ray(cfg: RunConfig) -> None:
     try:
         ray.init(address="auto")
     except ConnectionError:
-        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.ray.num_workers + 2), include_dashboard=False)
+        # The dashboard (on 127.0.0.1) also serves the state API that Ray Train's controller polls.
+        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.ray.num_workers + 2), include_dashboard=True)
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:

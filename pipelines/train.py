@@ -4,8 +4,8 @@ Every worker builds the teacher and the student (same seed, so the same LoRA ini
 both with FSDP2 (``linearard.distributed.shard_teacher_student``) and hands them to
 :class:`linearard.train.Trainer`. Batches come from the Ray Data shard of this worker
 (``get_dataset_shard("train")``), streamed epoch after epoch with a seeded local shuffle. After each optimizer
-step the metrics are averaged over the workers, appended to the MLflow run by rank 0 and passed to
-``ray.train.report``; every ``train.checkpoint_every`` steps and at the end the report carries a checkpoint
+step the metrics are averaged over the workers and appended to the MLflow run by rank 0; every
+``train.checkpoint_every`` steps and at the end they go to ``ray.train.report`` with a checkpoint
 (the Trainer's format: trainable weights, optimizer, scheduler, step, data position; one RNG file per rank,
 all merged by Ray into one folder). A restarted worker group
 (``FailureConfig(max_failures)``) resumes from ``ray.train.get_checkpoint()``: weights, optimizer, schedule and
@@ -116,14 +116,14 @@ def train_loop(config: dict[str, Any]) -> None:
             # dies without a word, as a killed one would.
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
             os._exit(1)
+        # Ray Train only hears of checkpoints: its controller takes one report per health-check poll (2 s), so
+        # a report every step would cap training at one step per 2 s. Step metrics go to MLflow directly.
         every = cfg.train.checkpoint_every
         if trainer.step == cfg.train.steps or (every and trainer.step % every == 0):
             with tempfile.TemporaryDirectory() as directory:
                 trainer.write_checkpoint(directory)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory),
                                  checkpoint_dir_name=f"step-{trainer.step:08d}")
-        else:
-            ray.train.report(metrics)
     if bar is not None:
         bar.close()
 

@@ -90,13 +90,14 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp(min=1.0)).item()
 
 
-def check(backend, case, dtype, reduction, tol, seed, device="cpu"):
-    inputs, kwargs = make_inputs(CASES[case], dtype, seed, device)
+def check(backend, case, dtype, reduction, tol, seed, device="cpu", **op_kwargs):
+    """Loss and grads of relation_kl(..., backend, **op_kwargs) on CASES[case] (or a case tuple) vs float64."""
+    inputs, kwargs = make_inputs(CASES[case] if isinstance(case, str) else case, dtype, seed, device)
     ref_inputs = tuple(x.detach().double() for x in inputs)
     ref_inputs = (ref_inputs[0], ref_inputs[0] if inputs[1] is inputs[0] else ref_inputs[1], *ref_inputs[2:])
     ref_inputs = tuple(x.requires_grad_(True) if i < 2 else x for i, x in enumerate(ref_inputs))
-    loss, grads = loss_and_grads(lambda *a, **k: relation_kl(*a, **k, backend=backend), inputs, kwargs,
-                                 reduction, seed)
+    loss, grads = loss_and_grads(lambda *a, **k: relation_kl(*a, **k, backend=backend, **op_kwargs), inputs,
+                                 kwargs, reduction, seed)
     ref_loss, ref_grads = loss_and_grads(relation_kl_dense, ref_inputs, kwargs, reduction, seed)
     assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
     assert loss.shape == ref_loss.shape
@@ -104,7 +105,7 @@ def check(backend, case, dtype, reduction, tol, seed, device="cpu"):
     for g, rg in zip(grads, ref_grads):
         assert rel_err(g, rg) < tol
     if kwargs["mask"] is not None:  # padded rows pass no gradient through their own row (only as columns)
-        out = relation_kl(*inputs, **kwargs, reduction="none", backend=backend)
+        out = relation_kl(*inputs, **kwargs, reduction="none", backend=backend, **op_kwargs)
         assert (out.detach()[(kwargs["mask"] == 0)[:, None, :].expand_as(out)] == 0).all()
     return loss, ref_loss
 
@@ -149,6 +150,46 @@ def test_triton_float32_exact(case):
 
 def test_triton_reduction_none_matches():
     check("triton", "noncausal-left-pad-full-pad-seq", torch.float32, "none", 1e-4, seed=5)
+
+
+def random_case(seed):
+    """A random case: shapes, GQA factors, causal, padding, segments, scales and self-relation all drawn."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(*options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    self_rel = pick(False, True)
+    H = pick(2, 4, 6)
+    Hc = H if self_rel else pick(*(d for d in range(1, H + 1) if H % d == 0))
+    Hct = H if self_rel else pick(*(d for d in range(1, H + 1) if H % d == 0))
+    return (pick(1, 2), H, Hc, Hct, int(torch.randint(2, 50, (1,), generator=g)), pick(8, 12, 16, 24),
+            pick(8, 20, 32), pick(True, False), pick(None, "right", "both", "holes"), pick(False, True),
+            pick((None, None), (0.4, 0.3)), self_rel)
+
+
+DETERMINISTIC_CASES = ["gqa-right-pad-segments", "self-relation-odd-t", "holes-int-mask-segments-noncausal", "t1",
+                       "noncausal-left-pad-full-pad-seq", "both-ends-causal"]
+
+
+@pytest.mark.parametrize("case", DETERMINISTIC_CASES + [f"random-{seed}" for seed in range(3)])
+def test_triton_deterministic_float32_exact(case):
+    """The atomic-free backward (row-parallel dQ, dK summed over GQA heads in one program) vs float64."""
+    shape = random_case(int(case.split("-")[1])) if case.startswith("random-") else case
+    reduction = ("sum", "mean", "none")[zlib.crc32(case.encode()) % 3]
+    check("triton", shape, torch.float32, reduction, 1e-4, seed=13, deterministic=True)
+
+
+@pytest.mark.parametrize("case", ["gqa-right-pad-segments", "both-ends-causal"])
+def test_triton_deterministic_grads_are_bit_identical(case):
+    """Two deterministic backward passes give the same bits (GQA, and a self-relation's summed dQ + dK).
+    The buffers start uninitialised (torch.empty): an element no program writes would differ between runs."""
+    inputs, kwargs = make_inputs(CASES[case], torch.float32, 17)
+    runs = [loss_and_grads(lambda *a, **k: relation_kl(*a, **k, backend="triton", deterministic=True), inputs,
+                           kwargs, "none", 17) for _ in range(2)]
+    (loss_a, grads_a), (loss_b, grads_b) = runs
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) and torch.isfinite(a).all() for a, b in zip(grads_a, grads_b))
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
@@ -220,6 +261,7 @@ def _good():
     ({}, {"backend": "cuda"}, r"backend must be 'auto', 'torch' or 'triton', got 'cuda'"),
     ({}, {"scale_s": float("nan")}, r"scale_s must be a finite number"),
     ({}, {"causal": 1}, r"causal must be a bool"),
+    ({}, {"deterministic": None}, r"deterministic must be a bool, got None"),
 ])
 def test_bad_input_raises_one_line_value_error(change, kwargs, match):
     args = _good()
