@@ -232,23 +232,31 @@ def _fwd_tile(q_s, q_t, ks_ptr, kt_ptr, mask_ptr, seg_ptr, start_n, offs_m, seg_
     return m_s_new, l_s, m_t_new, l_t, a_t
 
 
+@triton.jit
+def _row_tile(SR, SC, TR, TC, MASK, SEG, T, H, G_S, G_T, DS: tl.constexpr, DT: tl.constexpr, DSP: tl.constexpr,
+              DTP: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr):
+    """What a row-parallel program (forward, dQ) starts from: its rows (longest causal tiles launched first),
+    their Q tiles and segment ids, and the pointers to its column heads, key mask and segment ids."""
+    bh = tl.program_id(0)
+    start_m = (tl.cdiv(T, BLOCK_M) - 1 - tl.program_id(1)) * BLOCK_M
+    b, hs, ht = _heads(bh, H, G_S, G_T)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row = bh.to(tl.int64) * T
+    q_s = _load_rows(SR + row * DS, offs_m, T, DS, DSP)
+    q_t = _load_rows(TR + row * DT, offs_m, T, DT, DTP)
+    seg_ptr = SEG + b * T
+    return (start_m, offs_m, row, q_s, q_t, SC + hs.to(tl.int64) * T * DS, TC + ht.to(tl.int64) * T * DT,
+            MASK + b * T, seg_ptr, _load_seg(seg_ptr, offs_m, T, HAS_SEG))
+
+
 @_jit
 def _fwd_kernel(SR, SC, TR, TC, MASK, SEG, KL, LSE_S, LSE_T, T, T_TUNE, H, G_S, G_T, sc_s, sc_t,
                 DS: tl.constexpr, DT: tl.constexpr, DSP: tl.constexpr, DTP: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """KL and both LSEs of one row tile of one row head."""
-    bh = tl.program_id(0)
-    start_m = (tl.cdiv(T, BLOCK_M) - 1 - tl.program_id(1)) * BLOCK_M  # longest (causal) tiles first
-    b, hs, ht = _heads(bh, H, G_S, G_T)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    q_s = _load_rows(SR + bh.to(tl.int64) * T * DS, offs_m, T, DS, DSP)
-    q_t = _load_rows(TR + bh.to(tl.int64) * T * DT, offs_m, T, DT, DTP)
-    ks_ptr = SC + hs.to(tl.int64) * T * DS
-    kt_ptr = TC + ht.to(tl.int64) * T * DT
-    mask_ptr = MASK + b * T
-    seg_ptr = SEG + b * T
-    seg_m = _load_seg(seg_ptr, offs_m, T, HAS_SEG)
+    start_m, offs_m, row, q_s, q_t, ks_ptr, kt_ptr, mask_ptr, seg_ptr, seg_m = _row_tile(
+        SR, SC, TR, TC, MASK, SEG, T, H, G_S, G_T, DS, DT, DSP, DTP, HAS_SEG, BLOCK_M)
     m_s = tl.full([BLOCK_M], -float("inf"), tl.float32)
     m_t = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_s = tl.zeros([BLOCK_M], tl.float32)
@@ -268,11 +276,11 @@ def _fwd_kernel(SR, SC, TR, TC, MASK, SEG, KL, LSE_S, LSE_T, T, T_TUNE, H, G_S, 
     lse_s = m_s + tl.math.log2(tl.where(counted, l_s, 1.0))
     lse_t = m_t + tl.math.log2(l_t_safe)
     kl = tl.where(counted, (a_t / l_t_safe - lse_t + lse_s) * 0.6931471805599453, 0.0)
-    row = bh.to(tl.int64) * T + offs_m
-    tl.store(KL + row, kl, mask=offs_m < T)
+    rows = row + offs_m
+    tl.store(KL + rows, kl, mask=offs_m < T)
     # +inf on rows not counted: every recomputed p = 2^(logit − lse) is 0 there in the backward.
-    tl.store(LSE_S + row, tl.where(counted, lse_s, float("inf")), mask=offs_m < T)
-    tl.store(LSE_T + row, tl.where(counted, lse_t, float("inf")), mask=offs_m < T)
+    tl.store(LSE_S + rows, tl.where(counted, lse_s, float("inf")), mask=offs_m < T)
+    tl.store(LSE_T + rows, tl.where(counted, lse_t, float("inf")), mask=offs_m < T)
 
 
 # ------------------------------------------------------------------------------ backward, row-parallel dQ
@@ -298,19 +306,9 @@ def _dq_kernel(SR, SC, TR, TC, MASK, SEG, LSE_S, LSE_T, G, DQ, T, T_TUNE, H, G_S
                CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SEG: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one row tile of one row head, walked like the forward and stored once (no atomics)."""
-    bh = tl.program_id(0)
-    start_m = (tl.cdiv(T, BLOCK_M) - 1 - tl.program_id(1)) * BLOCK_M  # longest (causal) tiles first
-    b, hs, ht = _heads(bh, H, G_S, G_T)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    row = bh.to(tl.int64) * T
-    q_s = _load_rows(SR + row * DS, offs_m, T, DS, DSP)
-    q_t = _load_rows(TR + row * DT, offs_m, T, DT, DTP)
+    start_m, offs_m, row, q_s, q_t, ks_ptr, kt_ptr, mask_ptr, seg_ptr, seg_m = _row_tile(
+        SR, SC, TR, TC, MASK, SEG, T, H, G_S, G_T, DS, DT, DSP, DTP, HAS_SEG, BLOCK_M)
     lse_s, lse_t, g = _load_row_grads(LSE_S + row, LSE_T + row, G + row, offs_m, T)
-    ks_ptr = SC + hs.to(tl.int64) * T * DS
-    kt_ptr = TC + ht.to(tl.int64) * T * DT
-    mask_ptr = MASK + b * T
-    seg_ptr = SEG + b * T
-    seg_m = _load_seg(seg_ptr, offs_m, T, HAS_SEG)
     dq = tl.zeros([BLOCK_M, DSP], tl.float32)
     end_full, end = _col_range(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(0, end_full, BLOCK_N):
