@@ -41,20 +41,21 @@ METHODS = {
 _NO_RELATIONS = {"q": 0.0, "k": 0.0, "v": 0.0}
 
 
-def method_preset(method: str, ctx_len: int, batch_size: int) -> dict[str, Any]:
-    """Config keys (nested dict) that ``train.method`` sets unless the user set them.
+def method_preset(method: str, ctx_len: int, batch_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What ``train.method`` sets, as two nested dicts: ``(defaults, blocks)``.
 
-    ``ctx_len`` and ``batch_size`` are the run's short-text block length n and sequences per step; CPT reads
-    4n-token blocks, 4 times fewer per step, so every method sees the same tokens per step.
+    ``defaults`` are loss weights, filled where the user set none. ``blocks`` are always set, derived from the
+    run's short-text block length n (``ctx_len``) and sequences per step: CPT reads 4n-token blocks, 4 times
+    fewer per step, so every method sees the same tokens per step.
     """
     if method == "cpt":
-        return {"loss": {**_NO_RELATIONS, "lm": 1.0}, "data": {"ctx_len": 4 * ctx_len},
-                "train": {"batch_size": max(1, batch_size // 4), "grad_accum": 1}}
+        return ({"loss": {**_NO_RELATIONS, "lm": 1.0}},
+                {"data": {"ctx_len": 4 * ctx_len}, "train": {"batch_size": max(1, batch_size // 4), "grad_accum": 1}})
     if method == "logits_kd":
-        return {"loss": {**_NO_RELATIONS, "logits_kd": 1.0}}
+        return {"loss": {**_NO_RELATIONS, "logits_kd": 1.0}}, {}
     if method == "hidden_cosine":
-        return {"loss": {**_NO_RELATIONS, "hidden_cosine": 1.0}}
-    return {}
+        return {"loss": {**_NO_RELATIONS, "hidden_cosine": 1.0}}, {}
+    return {}, {}
 
 
 class ConfigError(ValueError):
@@ -237,8 +238,8 @@ class RunConfig:
         cfg = cls.from_dict(data)
         if cfg.train.method != "ard":
             _choice("train.method", cfg.train.method, tuple(METHODS))
-            preset = method_preset(cfg.train.method, cfg.data.ctx_len, cfg.train.batch_size)
-            cfg = cls.from_dict(_merge_under(data, preset))
+            defaults, blocks = method_preset(cfg.train.method, cfg.data.ctx_len, cfg.train.batch_size)
+            cfg = cls.from_dict(_merge_under(_merge_over(data, blocks), defaults))
         cfg.validate(check_teacher=check_teacher)
         return cfg
 
@@ -255,8 +256,8 @@ class RunConfig:
         ard_steps, cpt_steps = stage_steps(self)
         ard, cpt = self.to_dict(), self.to_dict()
         ard["train"].update(method="ard", steps=ard_steps, cpt_steps=None)
-        for section, values in method_preset("cpt", self.data.ctx_len, self.train.batch_size).items():
-            cpt[section].update(values)
+        defaults, blocks = method_preset("cpt", self.data.ctx_len, self.train.batch_size)
+        cpt = _merge_over(cpt, {**defaults, **blocks})
         cpt["train"].update(method="cpt", steps=cpt_steps, cpt_steps=None)
         return [RunConfig.from_dict(ard), RunConfig.from_dict(cpt)]
 
@@ -397,6 +398,17 @@ def _parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
             value = text
         pairs.append((key, value))
     return pairs
+
+
+def _merge_over(data: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the keys of ``values`` set (nested dicts merged)."""
+    merged = dict(data)
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(merged.get(key, {}), dict):
+            merged[key] = _merge_over(merged.get(key, {}), value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _merge_under(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The main job: restore a RoPE-scaled model with LinearARD on Ray, tracked in MLflow, ending in the registry.
 
-    python -m pipelines.restore [--config X.yaml] [--model PATH_OR_ID] [--rope SPEC] [--output DIR]
+    python -m pipelines.restore [--config X.yaml] [--model PATH_OR_ID] [--rope SPEC] [--method M] [--output DIR]
                                 [--tracking-uri URI] [--address RAY] [--workers N] [--section.key value ...]
 
 ``linearard restore`` is the same command. With no arguments it restores the bundled tiny model on the bundled
@@ -31,6 +31,7 @@ from linearard.config import ConfigError, RunConfig
 SHORTCUTS = {
     "model": "model.teacher",
     "rope": "model.rope",
+    "method": "train.method",
     "output": "train.output_dir",
     "tracking_uri": "tracking.uri",
     "address": "ray.address",
@@ -45,6 +46,7 @@ def parse_config(argv: list[str] | None, prog: str = "linearard restore") -> Run
     parser.add_argument("--config", help="run config YAML (default: the embedded tiny model and corpus)")
     parser.add_argument("--model", help="teacher: local path or hub id (model.teacher)")
     parser.add_argument("--rope", help="the student's RoPE, e.g. linear:8, yarn:4 (model.rope)")
+    parser.add_argument("--method", help="ard (default) | cpt | logits_kd | hidden_cosine | ard+cpt (train.method)")
     parser.add_argument("--output", help="output folder: checkpoints, report, merged model (train.output_dir)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (tracking.uri)")
     parser.add_argument("--address", help="Ray address (ray.address); default: RAY_ADDRESS or a local Ray")

@@ -20,12 +20,12 @@ from pathlib import Path
 
 # (row name, restore arguments); "cpt x10" trains 10x the steps of the others.
 RUNS = [
-    ("ard", ["--train.method", "ard"]),
-    ("cpt", ["--train.method", "cpt"]),
-    ("logits_kd", ["--train.method", "logits_kd"]),
-    ("hidden_cosine", ["--train.method", "hidden_cosine"]),
-    ("ard+cpt", ["--train.method", "ard+cpt"]),
-    ("cpt x10", ["--train.method", "cpt", "--train.steps", "{steps10}"]),
+    ("ard", ["--method", "ard"]),
+    ("cpt", ["--method", "cpt"]),
+    ("logits_kd", ["--method", "logits_kd"]),
+    ("hidden_cosine", ["--method", "hidden_cosine"]),
+    ("ard+cpt", ["--method", "ard+cpt"]),
+    ("cpt x10", ["--method", "cpt", "--train.steps", "{steps10}"]),
 ]
 
 

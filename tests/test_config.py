@@ -77,6 +77,7 @@ def test_methods_are_presets_at_equal_tokens(tiny_model):
     # 4x fewer per step: the same tokens per step as ARD.
     cpt = RunConfig.from_yaml(None, base + ["--train.method", "cpt"])
     assert (cpt.loss.q, cpt.loss.k, cpt.loss.v, cpt.loss.lm) == (0, 0, 0, 1.0) and not cpt.uses_teacher
+    assert (cpt.data.ctx_len, cpt.train.batch_size) == (128, 2)  # n = 32 as the user set it: 4n blocks
     assert cpt.data.ctx_len * cpt.train.batch_size == ard.data.ctx_len * ard.train.batch_size == 256
     kd = RunConfig.from_yaml(None, base + ["--train.method", "logits_kd", "--loss.v", "2"])  # the user's key wins
     assert (kd.loss.logits_kd, kd.loss.q, kd.loss.v) == (1.0, 0.0, 2.0)

@@ -150,3 +150,11 @@ def test_cluster_run_configs_follow_the_recipe(path):
     assert cfg.train.batch_size // cfg.train.grad_accum == 1 and cfg.train.grad_accum == 2
     assert "pg19" in cfg.data.source and cfg.ray.max_failures > 0
     assert cfg.model.rope == {"llama2": "linear:8"}.get(path.stem.split("-")[0], "linear:4")
+
+
+def test_method_flag_is_the_train_method_key(tiny_model, tmp_path):
+    from pipelines.restore import parse_config
+
+    cfg = parse_config(["--model", str(tiny_model("llama")), "--data.ctx_len", "32", "--method", "cpt",
+                        "--output", str(tmp_path / "out")])
+    assert cfg.train.method == "cpt" and cfg.loss.lm == 1.0 and cfg.data.ctx_len == 128
