@@ -72,12 +72,19 @@ def training_blocks(cfg: RunConfig) -> ray.data.Dataset:
 
 
 def heldout_texts(cfg: RunConfig, max_documents: int = 64) -> list[str]:
-    """Up to ``max_documents`` texts of the held-out split (for evaluation); empty if ``eval_fraction`` is 0."""
+    """The first ``max_documents`` texts of the held-out split in reading order (for evaluation: the same texts
+    in every run, so reports compare); empty if ``eval_fraction`` is 0."""
     fraction = cfg.data.eval_fraction
     if fraction <= 0:
         return []
-    documents = read_documents(cfg.data.source, text_field=cfg.data.text_field)
-    rows = documents.filter(lambda row: is_heldout(row["text"], fraction)).limit(max_documents).take_all()
+    context = ray.data.DataContext.get_current()
+    preserve = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # parallel reads may otherwise finish in any order
+    try:
+        documents = read_documents(cfg.data.source, text_field=cfg.data.text_field)
+        rows = documents.filter(lambda row: is_heldout(row["text"], fraction)).limit(max_documents).take_all()
+    finally:
+        context.execution_options.preserve_order = preserve
     return [row["text"] for row in rows]
 
 

@@ -140,3 +140,18 @@ def test_read_documents_errors(ray_driver, tmp_path):
 
     with pytest.raises(ConfigError, match="no such file"):
         check_source(str(tmp_path / "nope"))
+
+
+def test_heldout_texts_are_the_first_heldout_documents_in_reading_order(ray_driver, tmp_path):
+    from linearard.config import RunConfig
+    from pipelines.data import heldout_texts
+
+    texts = [f"document {i} " + "x" * (i % 7) for i in range(400)]
+    for part in range(4):  # several files: parallel reads must not reorder what evaluation sees
+        with open(tmp_path / f"part-{part}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in texts[part * 100:(part + 1) * 100])
+    cfg = RunConfig.from_dict({"data": {"source": str(tmp_path), "eval_fraction": 0.2}})
+    expected = [t for t in texts if is_heldout(t, 0.2)][:10]
+    assert len(expected) == 10
+    assert heldout_texts(cfg, max_documents=10) == expected
+    assert heldout_texts(cfg, max_documents=10) == expected
