@@ -9,6 +9,7 @@ post-RoPE Q/K/V can be tapped.
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,9 @@ def make_trainable(model: nn.Module, trainable: str, lora_cfg: LoraConfig) -> nn
 
         peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                                   target_modules=list(lora_cfg.target_modules), bias="none", task_type="CAUSAL_LM")
-        return get_peft_model(model, peft_cfg)
+        with warnings.catch_warnings():  # PEFT 0.21 reads transformers 5's deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, peft_cfg)
     if trainable == "qkv":
         model.requires_grad_(False)
         targets = set(lora_cfg.target_modules)

@@ -61,7 +61,7 @@ def training_blocks(cfg: RunConfig) -> ray.data.Dataset:
         data.source, text_field=data.text_field, seed=data.shuffle_seed, max_documents=data.max_documents
     )
     if fraction > 0:
-        documents = documents.filter(lambda row: not is_heldout(row["text"], fraction))
+        documents = _split(documents, fraction, heldout=False)
     return block_dataset(
         documents,
         tokenizer=cfg.model.tokenizer or cfg.model.teacher,
@@ -82,7 +82,7 @@ def heldout_texts(cfg: RunConfig, max_documents: int = 64) -> list[str]:
     context.execution_options.preserve_order = True  # parallel reads may otherwise finish in any order
     try:
         documents = read_documents(cfg.data.source, text_field=cfg.data.text_field)
-        rows = documents.filter(lambda row: is_heldout(row["text"], fraction)).limit(max_documents).take_all()
+        rows = _split(documents, fraction, heldout=True).limit(max_documents).take_all()
     finally:
         context.execution_options.preserve_order = preserve
     return [row["text"] for row in rows]
@@ -198,6 +198,18 @@ def _text_column(ds: ray.data.Dataset, text_field: str) -> ray.data.Dataset:
     # Arrow out whatever the reader made (read_json(lines=True) gives pandas blocks): a union of sources, and
     # the tokenising stage after it, need one block type.
     return ds.map_batches(_select_text, fn_kwargs={"field": text_field}, batch_format="pyarrow")
+
+
+def _split(documents: ray.data.Dataset, fraction: float, heldout: bool) -> ray.data.Dataset:
+    """The held-out documents (``heldout``) or the others, by ``linearard.data.is_heldout`` (a text hash, so a
+    batch function: Ray Data's row filters want column expressions)."""
+    def keep(batch: Any) -> Any:
+        import pyarrow as pa
+
+        mask = [is_heldout(text, fraction) == heldout for text in batch["text"].to_pylist()]
+        return batch.filter(pa.array(mask, type=pa.bool_()))
+
+    return documents.map_batches(keep, batch_format="pyarrow")
 
 
 def _select_text(batch: Any, field: str) -> Any:
