@@ -239,7 +239,7 @@ class RunConfig:
         if cfg.train.method != "ard":
             _choice("train.method", cfg.train.method, tuple(METHODS))
             defaults, blocks = method_preset(cfg.train.method, cfg.data.ctx_len, cfg.train.batch_size)
-            cfg = cls.from_dict(_merge_under(_merge_over(data, blocks), defaults))
+            cfg = cls.from_dict(_merge(_merge(data, blocks, override=True), defaults, override=False))
         cfg.validate(check_teacher=check_teacher)
         return cfg
 
@@ -257,7 +257,7 @@ class RunConfig:
         ard, cpt = self.to_dict(), self.to_dict()
         ard["train"].update(method="ard", steps=ard_steps, cpt_steps=None)
         defaults, blocks = method_preset("cpt", self.data.ctx_len, self.train.batch_size)
-        cpt = _merge_over(cpt, {**defaults, **blocks})
+        cpt = _merge(cpt, {**defaults, **blocks}, override=True)
         cpt["train"].update(method="cpt", steps=cpt_steps, cpt_steps=None)
         return [RunConfig.from_dict(ard), RunConfig.from_dict(cpt)]
 
@@ -400,25 +400,15 @@ def _parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
-def _merge_over(data: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    """``data`` with the keys of ``values`` set (nested dicts merged)."""
+def _merge(data: dict[str, Any], values: dict[str, Any], *, override: bool) -> dict[str, Any]:
+    """``data`` with the keys of ``values`` merged in (nested dicts merged): all of them with ``override``,
+    else only those ``data`` does not set."""
     merged = dict(data)
     for key, value in values.items():
         if isinstance(value, dict) and isinstance(merged.get(key, {}), dict):
-            merged[key] = _merge_over(merged.get(key, {}), value)
-        else:
+            merged[key] = _merge(merged.get(key, {}), value, override=override)
+        elif override or key not in merged:
             merged[key] = value
-    return merged
-
-
-def _merge_under(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """``data`` with the keys of ``defaults`` it does not set (nested dicts merged)."""
-    merged = dict(data)
-    for key, value in defaults.items():
-        if isinstance(value, dict) and isinstance(merged.get(key, {}), dict):
-            merged[key] = _merge_under(merged.get(key, {}), value)
-        else:
-            merged.setdefault(key, value)
     return merged
 
 
