@@ -17,7 +17,4 @@ restore: .venv/.installed
 	.venv/bin/linearard restore $(ARGS)
 
 test: .venv/.installed
-	# The linear-memory test measures RSS and runs in its own session: inside the full suite it reads ~600 MiB (cause
-	# not yet found; it passes alone at ~100 MiB).
-	$(PY) -m pytest -q tests --deselect tests/test_relation_kl.py::test_torch_memory_is_linear $(ARGS)
-	$(PY) -m pytest -q tests/test_relation_kl.py::test_torch_memory_is_linear
+	$(PY) -m pytest -q tests $(ARGS)
