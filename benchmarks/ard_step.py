@@ -35,20 +35,7 @@ import torch
 import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import linearard  # noqa: E402
-
-try:
-    import linearard.kernels  # noqa: F401
-except ImportError:  # a bare checkout (the GPU box): map kernels/ to linearard.kernels as pyproject does
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("linearard.kernels", ROOT / "kernels" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "kernels")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["linearard.kernels"] = module
-    spec.loader.exec_module(module)
-    linearard.kernels = module
+sys.path.insert(0, str(ROOT))  # a bare checkout works too (linearard maps its kernels/)
 
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 

@@ -13,6 +13,10 @@ Public API (imported lazily, so ``import linearard.kernels`` stays light)::
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
+from pathlib import Path
 
 _EXPORTS = {
     "RunConfig": "linearard.config",
@@ -27,6 +31,31 @@ _EXPORTS = {
     "seed_everything": "linearard.train",
 }
 __all__ = sorted(_EXPORTS)
+
+
+# ``linearard.kernels`` lives in the top-level ``kernels/`` folder and is mapped into the package by the install
+# (pyproject's ``package-dir``). An uninstalled copy of the repository (a job sent with ``ray job submit
+# --working-dir .``, a benchmark run from a bare checkout) has no such mapping: the finder below maps
+# ``linearard.kernels`` to the ``kernels/`` folder beside whichever ``linearard`` was imported, so the code uses
+# the op of the same copy, installed or not. An installed wheel (``linearard/kernels/`` inside the package) is
+# left alone.
+class _SiblingKernelsFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):  # noqa: D102 - importlib protocol
+        if fullname != "linearard.kernels" or not path:
+            return None
+        package_dir = Path(next(iter(path)))
+        if (package_dir / "kernels" / "__init__.py").exists():
+            return None  # a regular install: the normal import finds it
+        kernels = package_dir.parent / "kernels"
+        if not (kernels / "__init__.py").exists():
+            return None
+        return importlib.util.spec_from_file_location(
+            fullname, kernels / "__init__.py", submodule_search_locations=[str(kernels)]
+        )
+
+
+if not any(isinstance(f, _SiblingKernelsFinder) for f in sys.meta_path):
+    sys.meta_path.insert(0, _SiblingKernelsFinder())
 
 
 def __getattr__(name: str):

@@ -84,7 +84,7 @@ class Trainer:
         self.batches_seen = 0  # data position: batches consumed from the training stream
         self.tokens_seen = 0
         if cfg.train.init_from:  # a warm start (e.g. the CPT stage after ARD); a resume overwrites it
-            self.load_weights(Path(cfg.train.init_from) / "trainable.safetensors")
+            load_trainable(self.student, Path(cfg.train.init_from) / "trainable.safetensors")
 
     # ------------------------------------------------------------------------------------------ step
     def train_step(self, batch: Batch) -> dict[str, float]:
@@ -215,17 +215,6 @@ class Trainer:
         _barrier()
         return final
 
-    def load_weights(self, path: str | Path) -> None:
-        """Load trainable weights (a checkpoint's ``trainable.safetensors``) into the student; nothing else.
-
-        Every name in the file must be a student parameter (plain or FSDP2-sharded)."""
-        weights = load_file(path)
-        unknown = set(weights) - set(get_model_state_dict(self.student, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)))
-        if unknown:
-            raise ValueError(f"{path}: weights that are not trainable student parameters, e.g. {min(unknown)!r}")
-        set_model_state_dict(self.student, weights, options=StateDictOptions(full_state_dict=True, strict=False))
-
     def load_checkpoint(self, path: str | Path) -> None:
         """Resume from a folder written by ``save_checkpoint``."""
         path = Path(path)
@@ -248,6 +237,18 @@ class Trainer:
         # FSDP2: reduce-scatter gradients only on the last micro-batch of an accumulation.
         if hasattr(self.student, "set_requires_gradient_sync"):
             self.student.set_requires_gradient_sync(last_micro_batch)
+
+
+def load_trainable(student: nn.Module, path: str | Path) -> None:
+    """Load trainable weights (a checkpoint's ``trainable.safetensors``) into ``student``; nothing else.
+
+    Every name in the file must be a trainable student parameter (plain or FSDP2-sharded student)."""
+    weights = load_file(path)
+    unknown = set(weights) - set(get_model_state_dict(student, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)))
+    if unknown:
+        raise ValueError(f"{path}: weights that are not trainable student parameters, e.g. {min(unknown)!r}")
+    set_model_state_dict(student, weights, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:

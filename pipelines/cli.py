@@ -17,6 +17,13 @@ COMMANDS = {
 }
 
 
+def error_line(err: BaseException) -> str:
+    """``"TypeName: first line of the message"``: what a command prints for an unexpected error (the traceback is
+    in Ray's and MLflow's logs)."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:

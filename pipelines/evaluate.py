@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from linearard.config import ConfigError, EvalConfig, RunConfig
 from linearard.evaluate import evaluate_models, write_report
 from linearard.models import build_teacher_student, save_merged
-from linearard.train import seed_everything
+from linearard.train import load_trainable, seed_everything
+from pipelines.cli import error_line
 
 
 def eval_config(cfg: RunConfig, teacher: torch.nn.Module) -> EvalConfig:
@@ -56,14 +56,6 @@ def evaluate_restore(
         report.update(run_info or {})
         write_report(report, out_dir / "report")
     return report or {}
-
-
-def load_trainable(student: torch.nn.Module, path: Path) -> None:
-    """Load the trainable weights of a Trainer checkpoint into a freshly built student (same names)."""
-    missing_in_model = set(load_file(path)) - set(student.state_dict())
-    if missing_in_model:
-        raise ValueError(f"checkpoint weights do not fit the student: e.g. {sorted(missing_in_model)[0]!r}")
-    student.load_state_dict(load_file(path), strict=False)
 
 
 def _merge_reports(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -101,15 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"linearard evaluate: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - one line for the user, the traceback is in the logs
-        print(f"linearard evaluate: error: {type(err).__name__}: {_first_line(err)}", file=sys.stderr)
+        print(f"linearard evaluate: error: {error_line(err)}", file=sys.stderr)
         return 1
     print(f"short-text perplexity: {report.get('short_ppl')}, gap recovery: {report.get('gap_recovery')}")
     return 0
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else ""
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from typing import Any
 import ray
 
 from linearard.config import ConfigError, RunConfig
+from pipelines.cli import error_line
 
 # Shortcut flags -> config keys (every other `--section.key value` passes through as an override).
 SHORTCUTS = {
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None, prog: str = "linearard restore") -> int:
     try:
         summary = run(cfg)
     except Exception as err:  # noqa: BLE001 - the traceback is in Ray's and MLflow's logs; the user gets one line
-        print(f"{prog}: error: {type(err).__name__}: {_first_line(err)}", file=sys.stderr)
+        print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
         return 1
     report_md = Path(cfg.train.output_dir) / "report" / "report.md"
     if report_md.exists():
@@ -190,11 +191,6 @@ def main(argv: list[str] | None = None, prog: str = "linearard restore") -> int:
     print(f"{prog}: done in {time.time() - start:.0f}s: {summary['steps']} steps, gap recovery "
           f"{summary.get('gap_recovery')}, model in {summary['model_dir']}, {registered}")
     return 0
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _storage_path(configured: str | None, output: Path) -> str:
