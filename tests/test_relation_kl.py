@@ -192,6 +192,17 @@ def test_triton_deterministic_grads_are_bit_identical(case):
     assert all(torch.equal(a, b) and torch.isfinite(a).all() for a, b in zip(grads_a, grads_b))
 
 
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_head_groups_visit_every_tile(monkeypatch, group, deterministic):
+    """Launch order by head groups (`_tile_and_head`): groups of 1 and of 3 of 8 row heads (and of 4 column
+    heads in the deterministic dK pass), so the last group is short; every output is written once."""
+    from linearard.kernels import relation_kl_triton
+
+    monkeypatch.setattr(relation_kl_triton, "_head_group", lambda *args: group)
+    check("triton", "gqa-right-pad-segments", torch.float32, "none", 1e-4, seed=19, deterministic=deterministic)
+
+
 MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     torch.set_num_threads(2)
