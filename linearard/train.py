@@ -160,8 +160,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Everything exact resume needs; tensors are full (gathered) and on CPU. Collective under FSDP."""
-        model = get_model_state_dict(self.student, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        model = _trainable_state(self.student)
         optimizer = get_optimizer_state_dict(self.student, self.optimizer, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
         trainer = {"step": self.step, "batches_seen": self.batches_seen, "tokens_seen": self.tokens_seen,
@@ -244,11 +243,16 @@ def load_trainable(student: nn.Module, path: str | Path) -> None:
 
     Every name in the file must be a trainable student parameter (plain or FSDP2-sharded student)."""
     weights = load_file(path)
-    unknown = set(weights) - set(get_model_state_dict(student, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)))
+    unknown = set(weights) - set(_trainable_state(student))
     if unknown:
         raise ValueError(f"{path}: weights that are not trainable student parameters, e.g. {min(unknown)!r}")
     set_model_state_dict(student, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _trainable_state(student: nn.Module) -> dict[str, Tensor]:
+    """The student's trainable weights, full (gathered under FSDP2) and on CPU. Collective under FSDP."""
+    return get_model_state_dict(student, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
 
 
 def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:

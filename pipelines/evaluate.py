@@ -33,7 +33,8 @@ def eval_config(cfg: RunConfig, teacher: torch.nn.Module) -> EvalConfig:
 
 def evaluate_restore(
     cfg: RunConfig, checkpoint_dir: str | Path | None, texts: list[str], out_dir: str | Path,
-    run_info: dict[str, Any] | None = None,) -> dict[str, Any]:
+    run_info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Evaluate teacher, scaled and (with ``checkpoint_dir``) restored; write ``out_dir/report`` and, with a
     checkpoint, the merged model to ``out_dir/model``. ``run_info`` (e.g. ``method``, ``tokens``,
     ``train_seconds``) is copied into the report. Returns the report dict."""

@@ -28,7 +28,8 @@ def restore_args(model: Path, corpus: Path, output: Path, uri: str, name: str) -
             "--train.steps", str(STEPS), "--train.batch_size", "2", "--train.grad_accum", "2",
             "--train.checkpoint_every", "2", "--optim.warmup_steps", "1", "--optim.lr", "1e-3",
             "--lora.r", "4", "--lora.alpha", "8", "--eval.ctx_len", "32", "--eval.length_multipliers", "[1, 2]",
-            "--eval.ppl_tokens", "128", "--eval.batch_size", "2", "--eval.passkey_trials", "1", "--tracking.registered_model_name", name]
+            "--eval.ppl_tokens", "128", "--eval.batch_size", "2", "--eval.passkey_trials", "1",
+            "--tracking.registered_model_name", name]
 
 
 def check_registered(uri: str, name: str, rope_factor: float) -> dict:
