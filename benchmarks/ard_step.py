@@ -14,6 +14,8 @@ clipping). Per model and context, three steps are timed side by side in one proc
     python benchmarks/ard_step.py --models llama2-7b --out a.json   # one GPU
     torchrun --nproc_per_node 2 benchmarks/ard_step.py --fsdp --modes ard --out b.json   # FSDP2, per-GPU numbers
     python benchmarks/ard_step.py --combine a.json b.json --out all.json   # one table + scaling efficiency
+    python benchmarks/ard_step.py --models llama2-7b --contexts 4096 --modes ard --profile --out p.json
+                                                                    # + where one step's GPU time goes
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ SHAPES = {
                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), "linear:4"),
 }
 MODES = ("ard", "ard_no_kl", "lm")
+RELATION_KL_KERNELS = ("_fwd_kernel", "_dq_kernel", "_dk_kernel")  # the Triton kernels of linearard.kernels
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -90,6 +93,9 @@ def build(name: str, lora_r: int, device: torch.device, dtype: str, folder: Path
     seed_everything(0)
     with mock.patch.object(models, "AutoModelForCausalLM", random_weights_loader(device)):
         teacher, student, _ = build_teacher_student(cfg.model, cfg.lora, device)
+    gc.collect()  # the student's own copies of the weights it now shares with the teacher
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return cfg, teacher, student
 
 
@@ -105,8 +111,9 @@ def sync(device: torch.device) -> None:
 
 
 def measure_mode(cfg: RunConfig, teacher, student, mode: str, ctx: int, device: torch.device,
-                 warmup: int, steps: int, seed: int) -> dict:
-    """Time ``steps`` optimizer steps of ``mode`` (after ``warmup``); peak memory over all of them."""
+                 warmup: int, steps: int, seed: int, profile_top: int = 0) -> dict:
+    """Time ``steps`` optimizer steps of ``mode`` (after ``warmup``); peak memory over all of them. With
+    ``profile_top`` > 0 (CUDA), one more step runs under the profiler (``profile_step``)."""
     loss = {"q": 0.0, "k": 0.0, "v": 0.0, "lm": 1.0} if mode == "lm" else {"q": 1.0, "k": 1.0, "v": 1.0}
     mode_cfg = RunConfig.from_dict({**cfg.to_dict(), "loss": {**cfg.to_dict()["loss"], **loss}})
     vocab = student.config.get_text_config().vocab_size
@@ -128,6 +135,9 @@ def measure_mode(cfg: RunConfig, teacher, student, mode: str, ctx: int, device: 
                 sync(device)
                 if index >= warmup:
                     times.append(time.perf_counter() - start)
+        if profile_top and device.type == "cuda":
+            batch = {"input_ids": torch.randint(0, vocab, (1, ctx), generator=generator)}
+            record["profile"] = profile_step(lambda: trainer.train_step(batch), device, profile_top)
         step_s = statistics.median(times)
         if dist.is_initialized():  # the slowest rank sets the pace
             step_s = _all_reduce_max(step_s, device)
@@ -149,6 +159,48 @@ def measure_mode(cfg: RunConfig, teacher, student, mode: str, ctx: int, device: 
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return record
+
+
+# Kinds of GPU kernels in a step, by name (the first that matches; cuBLAS/cuDNN kernel names are not an API, so
+# this is a reading aid, not an accounting standard).
+KERNEL_KINDS = {
+    "relation-KL (Triton)": RELATION_KL_KERNELS,
+    "matmul": ("nvjet", "gemm", "cutlass", "xmma"),
+    "attention (SDPA)": ("sdpa", "flash", "fmha", "attention"),
+    "elementwise, copies, reductions": ("at::native",),
+    "other": (),
+}
+
+
+def kernel_kind(name: str) -> str:
+    for kind, patterns in KERNEL_KINDS.items():
+        if any(p in name for p in patterns):
+            return kind
+    return "other"
+
+
+def profile_step(step, device: torch.device, top: int) -> dict:
+    """GPU kernel time of one ``step()`` under torch.profiler: the total, by kind of kernel (``KERNEL_KINDS``), and
+    the ``top`` kernels by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        sync(device)
+    by_name: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0:
+            calls_ms = by_name.setdefault(event.name, [0, 0.0])
+            calls_ms[0] += 1
+            calls_ms[1] += event.device_time_total / 1e3
+    kinds = dict.fromkeys(KERNEL_KINDS, 0.0)
+    for name, (_, ms) in by_name.items():
+        kinds[kernel_kind(name)] += ms
+    ranked = sorted(by_name.items(), key=lambda kv: kv[1][1], reverse=True)
+    return {"gpu_ms": sum(kinds.values()), "by_kind_ms": kinds,
+            "top_kernels": [{"kernel": name[:120], "kind": kernel_kind(name), "calls": calls, "gpu_ms": ms}
+                            for name, (calls, ms) in ranked[:top]]}
 
 
 def _all_reduce_max(value: float, device: torch.device) -> float:
@@ -212,7 +264,8 @@ def run(args) -> dict:
                         record = {"mode": mode, "ctx": ctx, "status": "skipped (time budget)"}
                     else:
                         record = measure_mode(cfg, teacher, student, mode, ctx, device, args.warmup, args.steps,
-                                              seed=1000 * rank + ctx)
+                                              seed=1000 * rank + ctx, profile_top=args.profile_top
+                                              if args.profile and mode == "ard" else 0)
                     record.update(model=name, gpus=world)
                     result["records"].append(record)
                     if rank == 0:
@@ -257,6 +310,23 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def profile_table(records: list[dict]) -> str:
+    """Per profiled ARD step: its GPU kernel time by kind, then the top kernels."""
+    lines = []
+    for r in records:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        total = prof["gpu_ms"]
+        lines += [f"\n{r['model']}, ctx {r['ctx']}: one ARD step, {total:.1f} ms of GPU kernels",
+                  "| kind | GPU ms | share |", "|---|---|---|"]
+        lines += [f"| {kind} | {ms:.1f} | {ms / max(total, 1e-9):.1%} |" for kind, ms in prof["by_kind_ms"].items()]
+        lines += ["| kernel | kind | calls | GPU ms |", "|---|---|---|---|"]
+        lines += [f"| {k['kernel'][:70]} | {k['kind']} | {k['calls']} | {k['gpu_ms']:.1f} |"
+                  for k in prof["top_kernels"]]
+    return "\n".join(lines)
+
+
 def combine(paths: list[str]) -> dict:
     parts = [json.loads(Path(p).read_text()) for p in paths if Path(p).exists()]
     if not parts:
@@ -278,6 +348,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no new configuration after this")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 across the torchrun processes")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more ARD step (CUDA): its GPU kernel time by kind and the top kernels")
+    parser.add_argument("--profile-top", type=int, default=15, help="kernels listed by --profile")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: 2-layer model, ctx 64/128, r=8")
     parser.add_argument("--combine", nargs="+", metavar="JSON", help="merge result files and print one table")
     parser.add_argument("--out", help="JSON file to write")
@@ -291,6 +364,8 @@ def main() -> None:
         if dist.is_initialized() or int(os.environ.get("RANK", 0)) != 0:
             return
     print(table(result["records"]))
+    if any("profile" in r for r in result["records"]):
+        print(profile_table(result["records"]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,7 +52,13 @@ def build_teacher_student(model_cfg: ModelConfig, lora_cfg: LoraConfig,
     teacher.requires_grad_(False)
     teacher.eval()
 
-    student = _load(model_cfg, scaled_config(teacher_config, model_cfg.rope), device)
+    # Loaded where from_pretrained puts it (CPU), so only what it does not share with the teacher moves to device.
+    student = _load(model_cfg, scaled_config(teacher_config, model_cfg.rope), None)
+    if model_cfg.trainable != "full":  # what trains keeps its own copy, the rest is the teacher's
+        trained = set(lora_cfg.target_modules) if model_cfg.trainable == "qkv" else set()
+        share_frozen_weights(teacher, student, lambda module: module in trained)
+    if device is not None:
+        student.to(device)
     if model_cfg.gradient_checkpointing:
         # Non-reentrant: the recompute re-runs the attention tap, which then skips recording (see losses.py).
         enable = getattr(student, "activation_checkpointing_enable", None)  # its name since transformers 5.2x
@@ -65,6 +72,30 @@ def build_teacher_student(model_cfg: ModelConfig, lora_cfg: LoraConfig,
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or model_cfg.teacher, revision=model_cfg.revision,
                                               trust_remote_code=model_cfg.trust_remote_code)
     return teacher, student, tokenizer
+
+
+def share_frozen_weights(teacher: nn.Module, student: nn.Module, keep_own: Callable[[str], bool]) -> int:
+    """Point the student's parameters at the teacher's tensors of the same name, shape and dtype, except those
+    of modules whose last name component ``keep_own`` is true for (those that will train). Returns the number of
+    parameters shared.
+
+    Teacher and student are the same checkpoint, and what does not train stays equal to the teacher's, so one
+    copy serves both: a 7B pair then holds ~13 GB of bf16 weights instead of ~27 GB. The RoPE tables are
+    buffers, not parameters, so the student keeps its own scaled ones. FSDP2 later shards each model into its
+    own storage (``fully_shard`` copies shards and leaves the original tensors alone), so sharing saves nothing
+    there and costs nothing either.
+    """
+    teacher_params = dict(teacher.named_parameters(remove_duplicate=False))
+    shared = 0
+    for name, param in list(student.named_parameters(remove_duplicate=False)):
+        module_name, _, attr = name.rpartition(".")
+        source = teacher_params.get(name)
+        if (keep_own(module_name.rpartition(".")[2]) or source is None or source.shape != param.shape
+                or source.dtype != param.dtype):
+            continue
+        setattr(student.get_submodule(module_name), attr, source)  # nn.Module registers it as the parameter
+        shared += 1
+    return shared
 
 
 def make_trainable(model: nn.Module, trainable: str, lora_cfg: LoraConfig) -> nn.Module:
@@ -93,10 +124,21 @@ def make_trainable(model: nn.Module, trainable: str, lora_cfg: LoraConfig) -> nn
 
 
 def merged_model(student: nn.Module) -> nn.Module:
-    """The student as a plain transformers model: LoRA merged into the weights (in place) for a PEFT model."""
-    from peft import PeftModel
+    """The student as a plain transformers model: LoRA merged into the weights (in place) for a PEFT model.
 
-    return student.merge_and_unload() if isinstance(student, PeftModel) else student
+    The adapted layers' base weights are copied first: they are shared with the teacher
+    (``share_frozen_weights``), and merging adds into them in place.
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(student, PeftModel):
+        return student
+    for module in student.modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+    return student.merge_and_unload()
 
 
 def save_merged(student: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:

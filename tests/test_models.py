@@ -37,6 +37,24 @@ def test_trainable_modes(tiny_model, trainable, expected):
         assert names and {n.split(".")[-2] for n in names} == expected
 
 
+@pytest.mark.parametrize("trainable", ["lora", "qkv", "full"])
+def test_student_shares_the_teachers_frozen_weights(tiny_model, trainable):
+    teacher, student, _ = build_teacher_student(ModelConfig(teacher=str(tiny_model()), trainable=trainable),
+                                                LoraConfig(r=2, alpha=4))
+    teacher_storage = {p.data_ptr() for p in teacher.parameters()}
+    frozen = [(n, p) for n, p in student.named_parameters() if not p.requires_grad]
+    trained = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    assert all(p.data_ptr() not in teacher_storage for _, p in trained)  # what trains is the student's own
+    if trainable == "full":
+        assert not frozen
+    else:  # everything frozen is the teacher's tensor, the RoPE tables (buffers) stay the student's own
+        assert frozen and all(p.data_ptr() in teacher_storage for _, p in frozen)
+        assert sum(p.numel() for _, p in frozen) == sum(p.numel() for p in teacher.parameters()) - (
+            0 if trainable == "lora" else sum(p.numel() for _, p in trained))
+    inv_freq = [b for n, b in student.named_buffers() if n.endswith("inv_freq")]
+    assert inv_freq and all(b.data_ptr() not in {t.data_ptr() for t in teacher.buffers()} for b in inv_freq)
+
+
 def test_merged_checkpoint_reloads_as_student(tiny_model, tmp_path):
     torch.manual_seed(0)
     teacher, student, tokenizer = build_teacher_student(
@@ -60,4 +78,6 @@ def test_merged_checkpoint_reloads_as_student(tiny_model, tmp_path):
         got = restored(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(got, native, atol=1e-3)
+    with torch.no_grad():  # merging wrote into copies, not into the base weights the student shared with the teacher
+        torch.testing.assert_close(teacher(input_ids=ids).logits, native, rtol=0, atol=0)
     assert AutoTokenizer.from_pretrained(out).eos_token == "<eos>"
