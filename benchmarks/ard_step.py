@@ -79,7 +79,7 @@ def random_weights_loader(device: torch.device):
     return RandomWeights
 
 
-def build(name: str, lora_r: int, device: torch.device, dtype: str, folder: Path):
+def build(name: str, lora_r: int, device: torch.device, dtype: str, folder: Path, compiled: bool = False):
     """``(cfg, teacher, student)`` for a shape of ``SHAPES`` (the teacher's config.json goes to ``folder``)."""
     fields, rope = SHAPES[name]
     LlamaConfig(**fields, tie_word_embeddings=False, rms_norm_eps=1e-5).save_pretrained(folder)
@@ -88,7 +88,7 @@ def build(name: str, lora_r: int, device: torch.device, dtype: str, folder: Path
                   "trainable": "lora", "gradient_checkpointing": True},
         "lora": {"r": lora_r, "alpha": 2.0 * lora_r},  # the published recipe: r=1024, alpha=2048
         "optim": {"warmup_steps": 0},
-        "train": {"steps": 10**6, "batch_size": 1, "progress_bar": False},
+        "train": {"steps": 10**6, "batch_size": 1, "progress_bar": False, "compile": compiled},
     })
     seed_everything(0)
     with mock.patch.object(models, "AutoModelForCausalLM", random_weights_loader(device)):
@@ -167,6 +167,7 @@ KERNEL_KINDS = {
     "relation-KL (Triton)": RELATION_KL_KERNELS,
     "matmul": ("nvjet", "gemm", "cutlass", "xmma"),
     "attention (SDPA)": ("sdpa", "flash", "fmha", "attention"),
+    "compiled norms and MLPs (inductor)": ("triton_poi", "triton_red", "triton_per"),
     "elementwise, copies, reductions": ("at::native",),
     "other": (),
 }
@@ -226,7 +227,7 @@ def run(args) -> dict:
         device = torch.device("cuda", torch.cuda.current_device())
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {"benchmark": "ard_step", "date": datetime.date.today().isoformat(), "card": card, "gpus": world,
-              "fsdp": distributed, "torch": torch.__version__, "lora_r": args.lora_r, "batch": 1,
+              "fsdp": distributed, "compile": args.compile, "torch": torch.__version__, "lora_r": args.lora_r, "batch": 1,
               "warmup": args.warmup, "steps": args.steps, "records": []}
     try:
         import transformers
@@ -248,7 +249,7 @@ def run(args) -> dict:
         with tempfile.TemporaryDirectory() as folder:
             t0 = time.monotonic()
             try:
-                cfg, teacher, student = build(name, args.lora_r, device, args.dtype, Path(folder))
+                cfg, teacher, student = build(name, args.lora_r, device, args.dtype, Path(folder), args.compile)
             except torch.OutOfMemoryError as err:
                 result["records"].append({"model": name, "status": "OOM at build", "error": str(err)[:300]})
                 save()
@@ -259,6 +260,8 @@ def run(args) -> dict:
             if rank == 0:
                 print(f"[{name}] built in {build_s:.1f}s", flush=True)
             for ctx in args.contexts:
+                if args.compile:
+                    torch._dynamo.reset()  # graphs for this length only (each mode's warm-up step compiles)
                 for mode in args.modes:
                     if time.monotonic() - start > args.budget_s:
                         record = {"mode": mode, "ctx": ctx, "status": "skipped (time budget)"}
@@ -348,6 +351,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no new configuration after this")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 across the torchrun processes")
+    parser.add_argument("--compile", action="store_true",
+                        help="train.compile: torch.compile the decoder layers' norms and MLPs (warm-up compiles)")
     parser.add_argument("--profile", action="store_true",
                         help="profile one more ARD step (CUDA): its GPU kernel time by kind and the top kernels")
     parser.add_argument("--profile-top", type=int, default=15, help="kernels listed by --profile")

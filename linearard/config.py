@@ -143,6 +143,7 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     autocast_bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile each decoder layer's norms and MLP (fuses their elementwise work)
     checkpoint_every: int = 50  # optimizer steps between checkpoints; 0 = only at the end
     log_every: int = 1
     output_dir: str = "outputs/run"

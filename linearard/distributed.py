@@ -10,12 +10,12 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
+from linearard.models import decoder_layers
+
 
 def shard_model(model: nn.Module, reshard_after_forward: bool = True) -> nn.Module:
     """``fully_shard`` every decoder layer (the model's ``_no_split_modules`` classes), then the root."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layer_classes = set(getattr(base, "_no_split_modules", None) or ())
-    for module in [m for m in model.modules() if type(m).__name__ in layer_classes]:
+    for module in decoder_layers(model):
         fully_shard(module, reshard_after_forward=reshard_after_forward)
     fully_shard(model, reshard_after_forward=reshard_after_forward)
     return model

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import shutil
 import warnings
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -96,6 +96,27 @@ def share_frozen_weights(teacher: nn.Module, student: nn.Module, keep_own: Calla
         setattr(student.get_submodule(module_name), attr, source)  # nn.Module registers it as the parameter
         shared += 1
     return shared
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder layers: the modules of its ``_no_split_modules`` classes (a PEFT model's too)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer_classes = set(getattr(base, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in layer_classes]
+
+
+def compile_layers(model: nn.Module) -> int:
+    """``torch.compile`` (in place) every child of every decoder layer except its attention: the RMSNorms and
+    the MLP, whose eager elementwise kernels (casts, powers, means, SiLU·up) each become one fused kernel.
+    The attention stays eager: it calls the relation-KL tap, whose side effects and autograd hooks a graph
+    cannot hold. Returns the number of modules compiled; they compile on first use."""
+    compiled = 0
+    for layer in decoder_layers(model):
+        for name, child in layer.named_children():
+            if not hasattr(child, "q_proj"):  # the attention module (capture.attention_modules' test)
+                child.compile()
+                compiled += 1
+    return compiled
 
 
 def make_trainable(model: nn.Module, trainable: str, lora_cfg: LoraConfig) -> nn.Module:

@@ -39,6 +39,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from linearard.config import RunConfig
 from linearard.losses import DistillationLoss
+from linearard.models import compile_layers
 
 Batch = dict[str, Tensor]
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -60,6 +61,9 @@ class Trainer:
             per-term values (``ard_q``, ``ard_k``, ``ard_v``, ``lm``, ``logits_kd``, ``hidden_cosine`` when on),
             ``lr``, ``grad_norm``, ``tokens_per_s`` and ``tokens`` (cumulative).
         device: where batches go; default the student's device.
+
+    With ``train.compile`` both models' decoder-layer norms and MLPs go through ``torch.compile``
+    (``models.compile_layers``); the first step then includes the compilation.
     """
 
     def __init__(self, cfg: RunConfig, teacher: nn.Module, student: nn.Module,
@@ -74,6 +78,9 @@ class Trainer:
         num_layers = student.config.get_text_config().num_hidden_layers
         self.objective = DistillationLoss(cfg.loss, num_layers)
         self.objective.attach(teacher, student)
+        if cfg.train.compile:
+            for model in (teacher, student):
+                compile_layers(model)
         opt = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
                                            weight_decay=opt.weight_decay)

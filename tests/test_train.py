@@ -71,6 +71,25 @@ def test_grad_accum_matches_one_big_batch(tiny_model, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_compiled_layers_match_eager(tiny_model, tmp_path):
+    path, batches = tiny_model("llama"), _batches(2)
+    runs = []
+    for compile_ in (False, True):
+        cfg = _cfg(path, tmp_path / str(compile_), compile=compile_)
+        cfg.lora.dropout = 0.0
+        trainer = _setup(cfg)
+        trainer.optimizer.param_groups[0]["lr"] = 1e-2  # skip warmup's zero first step
+        losses = [trainer.train_step(batch)["loss"] for batch in batches]
+        runs.append((losses, [p.detach().clone() for p in trainer.params], trainer))
+    compiled = [m for m in runs[1][2].student.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    layers = runs[1][2].student.config.num_hidden_layers
+    assert len(compiled) == 3 * layers  # per layer: the MLP and both norms, not the attention
+    assert not any(hasattr(m, "q_proj") for m in compiled)
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
+    for eager, fused in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-6)
+
+
 def test_exact_resume(tiny_model, tmp_path):
     path, batches = tiny_model("qwen3"), _batches(6)
     full = {}
@@ -93,11 +112,11 @@ def test_exact_resume(tiny_model, tmp_path):
             assert resumed[step][key] == full[step][key], (step, key)
 
 
-def _fsdp_worker(rank, path, out, port):
+def _fsdp_worker(rank, path, out, port, compiled):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    cfg = _cfg(path, out, steps=3, batch_size=2, grad_accum=2, checkpoint_every=0)
+    cfg = _cfg(path, out, steps=3, batch_size=2, grad_accum=2, checkpoint_every=0, compile=compiled)
     cfg.lora.dropout, cfg.optim.warmup_steps, cfg.model.gradient_checkpointing = 0.0, 0, True
     seed_everything(0)
     teacher, student, _ = build_teacher_student(cfg.model, cfg.lora)
@@ -109,16 +128,18 @@ def _fsdp_worker(rank, path, out, port):
     dist.destroy_process_group()
 
 
-def test_fsdp2_two_ranks_match_one_process(tiny_model, tmp_path):
-    """FSDP2-sharded teacher/student (gloo, CPU) + gradient checkpointing + accumulation: each rank's half
-    batch gives the same training as one process on the whole batch."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fsdp2_two_ranks_match_one_process(tiny_model, tmp_path, compiled):
+    """FSDP2-sharded teacher/student (gloo, CPU) + gradient checkpointing + accumulation, with or without the
+    compiled norms and MLPs: each rank's half batch gives the same training as one eager process on the whole
+    batch."""
     import socket
 
     path = tiny_model("llama")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_fsdp_worker, args=(path, tmp_path, port), nprocs=2)
+    torch.multiprocessing.spawn(_fsdp_worker, args=(path, tmp_path, port, compiled), nprocs=2)
     sharded = [sum(pair) / 2 for pair in zip(*(torch.load(tmp_path / f"losses-{r}.pt") for r in range(2)))]
 
     cfg = _cfg(path, tmp_path / "single", steps=3, grad_accum=2, checkpoint_every=0)
