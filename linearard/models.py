@@ -112,7 +112,7 @@ def compile_layers(model: nn.Module) -> int:
     cannot hold. Returns the number of modules compiled; they compile on first use."""
     compiled = 0
     for layer in decoder_layers(model):
-        for name, child in layer.named_children():
+        for child in layer.children():
             if not hasattr(child, "q_proj"):  # the attention module (capture.attention_modules' test)
                 child.compile()
                 compiled += 1
