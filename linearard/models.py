@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from linearard.capture import ATTN_IMPLEMENTATION
+from linearard.capture import ATTN_IMPLEMENTATION, attention_modules
 from linearard.config import LoraConfig, ModelConfig
 from linearard.rope import scaled_config
 
@@ -74,10 +74,9 @@ def build_teacher_student(model_cfg: ModelConfig, lora_cfg: LoraConfig,
     return teacher, student, tokenizer
 
 
-def share_frozen_weights(teacher: nn.Module, student: nn.Module, keep_own: Callable[[str], bool]) -> int:
+def share_frozen_weights(teacher: nn.Module, student: nn.Module, keep_own: Callable[[str], bool]) -> None:
     """Point the student's parameters at the teacher's tensors of the same name, shape and dtype, except those
-    of modules whose last name component ``keep_own`` is true for (those that will train). Returns the number of
-    parameters shared.
+    of modules whose last name component ``keep_own`` is true for (those that will train).
 
     Teacher and student are the same checkpoint, and what does not train stays equal to the teacher's, so one
     copy serves both: a 7B pair then holds ~13 GB of bf16 weights instead of ~27 GB. The RoPE tables are
@@ -86,7 +85,6 @@ def share_frozen_weights(teacher: nn.Module, student: nn.Module, keep_own: Calla
     there and costs nothing either.
     """
     teacher_params = dict(teacher.named_parameters(remove_duplicate=False))
-    shared = 0
     for name, param in list(student.named_parameters(remove_duplicate=False)):
         module_name, _, attr = name.rpartition(".")
         source = teacher_params.get(name)
@@ -94,8 +92,6 @@ def share_frozen_weights(teacher: nn.Module, student: nn.Module, keep_own: Calla
                 or source.dtype != param.dtype):
             continue
         setattr(student.get_submodule(module_name), attr, source)  # nn.Module registers it as the parameter
-        shared += 1
-    return shared
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -105,18 +101,16 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in layer_classes]
 
 
-def compile_layers(model: nn.Module) -> int:
+def compile_layers(model: nn.Module) -> None:
     """``torch.compile`` (in place) every child of every decoder layer except its attention: the RMSNorms and
     the MLP, whose eager elementwise kernels (casts, powers, means, SiLU·up) each become one fused kernel.
     The attention stays eager: it calls the relation-KL tap, whose side effects and autograd hooks a graph
-    cannot hold. Returns the number of modules compiled; they compile on first use."""
-    compiled = 0
+    cannot hold. The modules compile on first use."""
+    attention = set(attention_modules(model))
     for layer in decoder_layers(model):
         for child in layer.children():
-            if not hasattr(child, "q_proj"):  # the attention module (capture.attention_modules' test)
+            if child not in attention:
                 child.compile()
-                compiled += 1
-    return compiled
 
 
 def make_trainable(model: nn.Module, trainable: str, lora_cfg: LoraConfig) -> nn.Module:
