@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
+import copy
 import gc
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,13 +35,12 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # a bare checkout works too (linearard maps its kernels/)
-
+from harness import environment, sync, write_json  # noqa: E402  (also: the import path of a bare checkout)
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 from linearard import losses, models  # noqa: E402
 from linearard.config import RunConfig  # noqa: E402
+from linearard.plan import resolve  # noqa: E402
 from linearard.distributed import shard_teacher_student  # noqa: E402
 from linearard.models import build_teacher_student  # noqa: E402
 from linearard.tiny import bundled_model_path  # noqa: E402
@@ -80,19 +78,21 @@ def random_weights_loader(device: torch.device):
 
 
 def build(name: str, lora_r: int, device: torch.device, dtype: str, folder: Path, compiled: bool = False):
-    """``(cfg, teacher, student)`` for a shape of ``SHAPES`` (the teacher's config.json goes to ``folder``)."""
+    """``(stage config, teacher, student)`` for a shape of ``SHAPES`` (the teacher's config.json goes to
+    ``folder``)."""
     fields, rope = SHAPES[name]
     LlamaConfig(**fields, tie_word_embeddings=False, rms_norm_eps=1e-5).save_pretrained(folder)
-    cfg = RunConfig.from_dict({
+    plan = resolve(RunConfig.from_dict({
         "model": {"teacher": str(folder), "tokenizer": str(bundled_model_path()), "rope": rope, "dtype": dtype,
                   "trainable": "lora", "gradient_checkpointing": True},
         "lora": {"r": lora_r, "alpha": 2.0 * lora_r},  # the published recipe: r=1024, alpha=2048
         "optim": {"warmup_steps": 0},
         "train": {"steps": 10**6, "batch_size": 1, "progress_bar": False, "compile": compiled},
-    })
+    }))
+    cfg = plan.stages[0].config
     seed_everything(0)
     with mock.patch.object(models, "AutoModelForCausalLM", random_weights_loader(device)):
-        teacher, student, _ = build_teacher_student(cfg.model, cfg.lora, device)
+        teacher, student, _ = build_teacher_student(plan.models, cfg.lora, device)
     gc.collect()  # the student's own copies of the weights it now shares with the teacher
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -105,17 +105,14 @@ def free_relation_kl(s_rows, s_cols, t_rows, t_cols, **_):
 
 
 # ------------------------------------------------------------------------------------------ measure
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_mode(cfg: RunConfig, teacher, student, mode: str, ctx: int, device: torch.device,
                  warmup: int, steps: int, seed: int, profile_top: int = 0) -> dict:
     """Time ``steps`` optimizer steps of ``mode`` (after ``warmup``); peak memory over all of them. With
     ``profile_top`` > 0 (CUDA), one more step runs under the profiler (``profile_step``)."""
-    loss = {"q": 0.0, "k": 0.0, "v": 0.0, "lm": 1.0} if mode == "lm" else {"q": 1.0, "k": 1.0, "v": 1.0}
-    mode_cfg = RunConfig.from_dict({**cfg.to_dict(), "loss": {**cfg.to_dict()["loss"], **loss}})
+    mode_cfg = copy.deepcopy(cfg)
+    weights = {"q": 0.0, "k": 0.0, "v": 0.0, "lm": 1.0} if mode == "lm" else {"q": 1.0, "k": 1.0, "v": 1.0}
+    for key, value in weights.items():
+        setattr(mode_cfg.loss, key, value)
     vocab = student.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(seed)
     record = {"mode": mode, "ctx": ctx}
@@ -225,22 +222,14 @@ def run(args) -> dict:
         device = torch.device("cpu")
     else:
         device = torch.device("cuda", torch.cuda.current_device())
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result = {"benchmark": "ard_step", "date": datetime.date.today().isoformat(), "card": card, "gpus": world,
-              "fsdp": distributed, "compile": args.compile, "torch": torch.__version__, "lora_r": args.lora_r, "batch": 1,
-              "warmup": args.warmup, "steps": args.steps, "records": []}
-    try:
-        import transformers
-        import triton
-        result.update(transformers=transformers.__version__, triton=triton.__version__)
-    except ImportError:
-        pass
+    result = {"benchmark": "ard_step", **environment(device), "gpus": world, "fsdp": distributed,
+              "compile": args.compile, "lora_r": args.lora_r, "batch": 1, "warmup": args.warmup, "steps": args.steps,
+              "records": []}
     start = time.monotonic()
 
     def save():
         if rank == 0 and args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result, indent=1))
+            write_json(Path(args.out), result)
 
     for name in args.models:
         if time.monotonic() - start > args.budget_s:
@@ -372,9 +361,7 @@ def main() -> None:
     if any("profile" in r for r in result["records"]):
         print(profile_table(result["records"]))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+        print(f"wrote {write_json(Path(args.out), result)}")
 
 
 if __name__ == "__main__":

@@ -10,23 +10,19 @@ The Triton backend is timed with both backward variants side by side: "triton" (
 from __future__ import annotations
 
 import argparse
-import datetime
 import inspect
 import json
 import math
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # a bare checkout works too (linearard maps its kernels/)
-from linearard.kernels import relation_kl  # noqa: E402
+from harness import environment, results_path, sync, timed, write_json  # noqa: E402  (also: the import path)
 
-from reference import relation_kl_dense  # noqa: E402
+from linearard.kernels import relation_kl  # noqa: E402
+from linearard.kernels.reference import relation_kl_dense  # noqa: E402
 
 K = 1024
 
@@ -52,36 +48,6 @@ def nbytes(*tensors):
         if t is not None:
             seen[t.data_ptr()] = t.numel() * t.element_size()
     return sum(seen.values())
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, budget_s=1.0, max_reps=30):
-    """Median seconds of fn() after a warm-up (which also autotunes); CUDA events on GPU."""
-    fn()
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    once = time.perf_counter() - t0
-    reps = max(2, min(max_reps, int(budget_s / max(once, 1e-6))))
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def peak_extra(fn, device):
@@ -259,15 +225,8 @@ def main() -> None:
     cuda = torch.cuda.is_available() and not args.quick
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    card = torch.cuda.get_device_name().replace(" ", "-") if cuda else "cpu"
-    date = datetime.date.today().isoformat()
-    meta = {"date": date, "card": card, "torch": torch.__version__, "device": str(device), "dtype": str(dtype),
+    meta = {**environment(device), "device": str(device), "dtype": str(dtype),
             "deterministic_default": inspect.signature(relation_kl).parameters["deterministic"].default}
-    try:
-        import triton
-        meta["triton"] = triton.__version__
-    except ImportError:
-        pass
     print(json.dumps(meta), flush=True)
     checks, sweep, variants = [], [], []
     started = time.perf_counter()
@@ -332,13 +291,9 @@ def main() -> None:
                 guarded(check_tail, T, device, dtype, checks)
         elapsed["tail checks"] = time.perf_counter() - started - sum(elapsed.values())
 
-    out = args.out
-    if out is None:
-        out = Path(os.environ["OUT"]) / "relation_kl.json" if os.environ.get("OUT") else \
-            ROOT / "benchmarks" / "results" / f"relation_kl-{date}-{card}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta["tuned"] = tuned_configs()
-    out.write_text(json.dumps({"meta": meta, "checks": checks, "sweep": sweep, "variants": variants}, indent=1))
+    out = write_json(results_path("relation_kl", device, args.out),
+                     {"meta": meta, "checks": checks, "sweep": sweep, "variants": variants})
 
     def ms(case, T):
         r = next((r for r in sweep if r["case"] == case and r["T"] == T), None)

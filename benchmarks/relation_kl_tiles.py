@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from relation_kl import ROOT, inputs, kl_forward, kl_step, sdpa_step, timed  # noqa: E402
+from harness import ROOT, environment, timed, write_json  # noqa: E402
+from relation_kl import inputs, kl_forward, kl_step, sdpa_step  # noqa: E402
 
 from linearard.kernels import relation_kl_triton as kernels  # noqa: E402
 
@@ -114,9 +114,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat()
-    path = out / f"relation_kl_tiles-{stamp}-{card.replace(' ', '-')}.json"
-    path.write_text(json.dumps({"card": card, "torch": torch.__version__, "triton": triton.__version__,
-                                "rows": rows}, indent=1))
+    path = write_json(out / f"relation_kl_tiles-{stamp}-{card.replace(' ', '-')}.json",
+                      {**environment(device), "rows": rows})
     print(f"\n{card}; ms (ratio = op / sdpa-flash fwd+bwd for steps, / nothing for the forward); programs per SM")
     for T in args.T:
         for sweep in args.sweeps:

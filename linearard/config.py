@@ -1,16 +1,18 @@
-"""One run config for the whole job: a dataclass tree, loaded from YAML, overridden from the command line,
-validated before any model loads.
+"""The run config: a dataclass tree (the schema), loaded from YAML and ``--section.key value`` overrides.
 
     cfg = RunConfig.from_yaml("run.yaml", ["--train.steps", "20", "loss.layers=[0,2]"])
     cfg.to_dict()  # plain dict (YAML/MLflow-ready)
 
-Every problem is a ``ConfigError`` (a ``ValueError``) with a one-line message that names the key.
+Loading checks what the config alone can tell: known keys, types, and each value's range. What needs the
+models (the native window, layer counts, RoPE composition), the method presets and the stages are resolved
+once, on the driver, by ``linearard.plan.resolve``. Every problem is a ``ConfigError`` (a ``ValueError``)
+with a one-line message that names the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,18 +21,13 @@ from typing import Any
 
 import yaml
 
-from linearard.rope import NATIVE, RopeSpecError, parse_rope_spec
 from linearard.tiny import ASSETS, bundled_model_path
 
 DTYPES = ("float32", "bfloat16", "float16")
 TRAINABLE = ("lora", "qkv", "full")
 DATA_MODES = ("per_document", "packed")
 BACKENDS = ("auto", "torch", "triton")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name; anything else must be a local path
-
-
-# The restoring methods, each one flag (`train.method`); a preset fills the keys the user left unset.
-# Every method trains on the same data and the same number of tokens per step as ARD.
+# The restoring methods, each one flag (`train.method`); linearard.plan turns each into its stages and presets.
 METHODS = {
     "ard": "LinearARD: relation KL of Q/Q, K/K, V/V against the teacher (the default)",
     "cpt": "continual pre-training: next-token loss on the student at 4n (batch / 4: same tokens per step)",
@@ -38,24 +35,6 @@ METHODS = {
     "hidden_cosine": "1 - cosine of every decoder layer's output against the teacher at n (LongReD-style)",
     "ard+cpt": "ARD, then a CPT stage for train.cpt_steps of the steps (the paper's pipeline)",
 }
-_NO_RELATIONS = {"q": 0.0, "k": 0.0, "v": 0.0}
-
-
-def method_preset(method: str, ctx_len: int, batch_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """What ``train.method`` sets, as two nested dicts: ``(defaults, blocks)``.
-
-    ``defaults`` are loss weights, filled where the user set none. ``blocks`` are always set, derived from the
-    run's short-text block length n (``ctx_len``) and sequences per step: CPT reads 4n-token blocks, 4 times
-    fewer per step, so every method sees the same tokens per step.
-    """
-    if method == "cpt":
-        return ({"loss": {**_NO_RELATIONS, "lm": 1.0}},
-                {"data": {"ctx_len": 4 * ctx_len}, "train": {"batch_size": max(1, batch_size // 4), "grad_accum": 1}})
-    if method == "logits_kd":
-        return {"loss": {**_NO_RELATIONS, "logits_kd": 1.0}}, {}
-    if method == "hidden_cosine":
-        return {"loss": {**_NO_RELATIONS, "hidden_cosine": 1.0}}, {}
-    return {}, {}
 
 
 class ConfigError(ValueError):
@@ -104,6 +83,11 @@ class LossConfig:
     hidden_layers: list[int] | None = None  # layers for hidden_cosine; None = all
     backend: str = "auto"  # relation_kl backend: auto | torch | triton
 
+    @property
+    def reads_teacher(self) -> bool:
+        """Whether a term reads the teacher (every term but ``lm``)."""
+        return any(getattr(self, key) > 0 for key in ("q", "k", "v", "logits_kd", "hidden_cosine"))
+
 
 @dataclass
 class OptimConfig:
@@ -124,20 +108,19 @@ class DataConfig:
 
     source: str = str(ASSETS / "corpus")  # local jsonl(.gz) file/folder or a hub dataset id
     text_field: str = "text"
-    ctx_len: int = 256  # block length; must fit the teacher's native window
+    ctx_len: int = 256  # block length n; must fit the teacher's native window
     mode: str = "per_document"  # per_document | packed
     shuffle_seed: int = 0
     eval_fraction: float = 0.05  # held-out share of documents
-    max_documents: int | None = None
+    max_documents: int | None = None  # read at most this many documents; None = all
 
 
 @dataclass
 class TrainConfig:
-    """The plain-process training loop."""
+    """The training loop (``linearard.train``)."""
 
     method: str = "ard"  # ard | cpt | logits_kd | hidden_cosine | ard+cpt (see METHODS)
     cpt_steps: int | None = None  # ard+cpt: steps of the CPT stage (None = steps // 4), part of `steps`
-    init_from: str | None = None  # a checkpoint folder whose trainable weights the student starts from
     steps: int = 400  # optimizer steps
     batch_size: int = 4  # sequences per optimizer step (split into grad_accum micro-batches)
     grad_accum: int = 1
@@ -152,10 +135,10 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation of teacher / scaled / restored models (``linearard.evaluate``): perplexity and passkey
-    retrieval at ``ctx_len × length_multipliers``, on the same held-out text and pass keys for every model."""
+    """Evaluation (``linearard.evaluate``): perplexity and passkey retrieval at ``ctx_len × length_multipliers``,
+    on the same held-out text and pass keys for every model."""
 
-    ctx_len: int | None = None  # the native context n; None = the teacher's max_position_embeddings
+    ctx_len: int | None = None  # the native context n; None = the teacher's native window
     length_multipliers: list[int] = field(default_factory=lambda: [1, 2, 4])  # n, 2n, 4n
     ppl_tokens: int = 16384  # held-out tokens scored at each length (ppl_tokens // length blocks, at least 1)
     batch_size: int = 8
@@ -168,7 +151,7 @@ class EvalConfig:
     @property
     def lengths(self) -> list[int]:
         if self.ctx_len is None:
-            raise ValueError("EvalConfig.ctx_len is not set (the caller resolves it from the teacher)")
+            raise ValueError("EvalConfig.ctx_len is not set (linearard.plan resolves it from the teacher)")
         return [self.ctx_len * m for m in self.length_multipliers]
 
 
@@ -187,7 +170,7 @@ class TrackingConfig:
 class RayConfig:
     """Ray Train scaling (pipelines.train)."""
 
-    address: str | None = None  # None = local Ray
+    address: str | None = None  # None = a private local Ray; else exactly this cluster
     num_workers: int = 1
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=dict)
@@ -197,7 +180,8 @@ class RayConfig:
 
 @dataclass
 class RunConfig:
-    """The whole job."""
+    """The whole job. ``from_yaml``/``from_dict`` also record which keys the user set (``user_set``), so that a
+    method's preset fills only the others."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -209,174 +193,116 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
-    # ----------------------------------------------------------------------------------------- build
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "RunConfig":
-        """Build from a nested dict; unknown keys and wrong types raise ``ConfigError`` (no teacher check)."""
-        return _build(cls, data or {}, "")
+        """Build from a nested dict and check every value; unknown keys, wrong types or ranges: ``ConfigError``."""
+        data = data or {}
+        cfg = _build(cls, data, "")
+        cfg._user_keys = frozenset(_dotted_keys(data))
+        cfg.check()
+        return cfg
 
     @classmethod
-    def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None,
-                  *, check_teacher: bool = True) -> "RunConfig":
-        """Load ``path`` (None = all defaults), apply ``overrides`` and validate.
+    def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "RunConfig":
+        """Load ``path`` (None = all defaults) and apply ``overrides``.
 
         Overrides are ``--section.key value`` pairs or ``section.key=value`` items; values are parsed as YAML
-        (``10``, ``1e-4``, ``[0, 2]``, ``null``). ``check_teacher`` also reads the teacher's config (cheap) to
-        check the context length and layer indices against it.
+        (``10``, ``1e-4``, ``[0, 2]``, ``null``).
         """
         data: dict[str, Any] = {}
         if path is not None:
             try:
-                data = yaml.safe_load(Path(path).read_text()) or {}
+                data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
             except OSError as err:
                 raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
             except yaml.YAMLError as err:
                 raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
             if not isinstance(data, dict):
                 raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
         for key, value in _parse_overrides(overrides or []):
             _set_dotted(data, key, value)
-        cfg = cls.from_dict(data)
-        if cfg.train.method != "ard":
-            _choice("train.method", cfg.train.method, tuple(METHODS))
-            defaults, blocks = method_preset(cfg.train.method, cfg.data.ctx_len, cfg.train.batch_size)
-            cfg = cls.from_dict(_merge(_merge(data, blocks, override=True), defaults, override=False))
-        cfg.validate(check_teacher=check_teacher)
-        return cfg
+        return cls.from_dict(data)
 
-    @property
-    def uses_teacher(self) -> bool:
-        """Whether a loss term reads the teacher (every term but ``lm``)."""
-        return any(getattr(self.loss, key) > 0 for key in ("q", "k", "v", "logits_kd", "hidden_cosine"))
-
-    def stages(self) -> list["RunConfig"]:
-        """The training stages of ``train.method``: itself, or for ard+cpt an ARD stage then a CPT stage (each
-        a full config; the CPT stage has ``train.method = "cpt"`` and starts from the ARD stage's weights)."""
-        if self.train.method != "ard+cpt":
-            return [self]
-        ard_steps, cpt_steps = stage_steps(self)
-        ard, cpt = self.to_dict(), self.to_dict()
-        ard["train"].update(method="ard", steps=ard_steps, cpt_steps=None)
-        defaults, blocks = method_preset("cpt", self.data.ctx_len, self.train.batch_size)
-        cpt = _merge(cpt, {**defaults, **blocks}, override=True)
-        cpt["train"].update(method="cpt", steps=cpt_steps, cpt_steps=None)
-        return [RunConfig.from_dict(ard), RunConfig.from_dict(cpt)]
+    def user_set(self, dotted_key: str) -> bool:
+        """Whether the user's YAML or overrides set ``dotted_key`` (e.g. ``"loss.v"``)."""
+        return dotted_key in getattr(self, "_user_keys", frozenset())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of every value."""
         return dataclasses.asdict(self)
 
-    def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def yaml_text(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    # -------------------------------------------------------------------------------------- validate
-    def validate(self, check_teacher: bool = True) -> None:
-        """Raise ``ConfigError`` for the first problem found; ``check_teacher`` reads the teacher's config."""
-        m, loss, opt, data, tr = self.model, self.loss, self.optim, self.data, self.train
-        try:
-            parse_rope_spec(m.rope)
-        except RopeSpecError as err:
-            raise ConfigError(f"model.rope: {err}") from None
-        _choice("model.trainable", m.trainable, TRAINABLE)
-        _choice("model.dtype", m.dtype, DTYPES)
-        _choice("data.mode", data.mode, DATA_MODES)
-        _choice("loss.backend", loss.backend, BACKENDS)
-        _choice("train.method", tr.method, tuple(METHODS))
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(self.yaml_text())
+
+    def check(self) -> None:
+        """Raise ``ConfigError`` for the first value out of its range (what the config alone can tell)."""
+        m, lora, loss, opt, data, tr, ev = (self.model, self.lora, self.loss, self.optim, self.data, self.train,
+                                            self.eval)
+        if not m.teacher:
+            raise ConfigError("model.teacher is empty: give a local model path or a hub id")
+        for key, value, allowed in (("model.trainable", m.trainable, TRAINABLE), ("model.dtype", m.dtype, DTYPES),
+                                    ("data.mode", data.mode, DATA_MODES), ("loss.backend", loss.backend, BACKENDS),
+                                    ("train.method", tr.method, tuple(METHODS))):
+            if value not in allowed:
+                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+        at_least = [("train.steps", tr.steps, 1), ("train.batch_size", tr.batch_size, 1),
+                    ("train.grad_accum", tr.grad_accum, 1), ("train.log_every", tr.log_every, 1),
+                    ("train.checkpoint_every", tr.checkpoint_every, 0), ("data.ctx_len", data.ctx_len, 2),
+                    ("lora.r", lora.r, 1), ("ray.num_workers", self.ray.num_workers, 1),
+                    ("ray.max_failures", self.ray.max_failures, 0), ("optim.warmup_steps", opt.warmup_steps, 0),
+                    ("eval.ppl_tokens", ev.ppl_tokens, 1), ("eval.batch_size", ev.batch_size, 1),
+                    ("eval.passkey_trials", ev.passkey_trials, 0)]
+        at_least += [(f"loss.{key}", getattr(loss, key), 0) for key in ("q", "k", "v", "lm", "logits_kd",
+                                                                         "hidden_cosine")]
+        at_least += [(key, value, 1) for key, value in (("data.max_documents", data.max_documents),
+                                                        ("loss.logits_kd_last_k", loss.logits_kd_last_k),
+                                                        ("eval.ctx_len", ev.ctx_len), ("eval.lm_eval_limit",
+                                                                                       ev.lm_eval_limit),
+                                                        ("train.cpt_steps", tr.cpt_steps)) if value is not None]
+        for key, value, low in at_least:
+            if not (isinstance(value, int) or math.isfinite(value)) or value < low:
+                raise ConfigError(f"{key} must be a finite number >= {low} (got {value})")
+        for key, value, low, high, closed in (
+                ("optim.lr", opt.lr, 0.0, math.inf, False), ("optim.eps", opt.eps, 0.0, math.inf, False),
+                ("optim.weight_decay", opt.weight_decay, 0.0, math.inf, True),
+                ("optim.max_grad_norm", opt.max_grad_norm, 0.0, math.inf, True),
+                ("optim.min_lr_ratio", opt.min_lr_ratio, 0.0, 1.0, True),
+                ("lora.alpha", lora.alpha, 0.0, math.inf, False), ("lora.dropout", lora.dropout, 0.0, 1.0, None),
+                ("data.eval_fraction", data.eval_fraction, 0.0, 1.0, None)):
+            # closed: [low, high]; False: (low, high); None: [low, high)
+            inside = (low <= value <= high if closed else low < value < high if closed is False
+                      else low <= value < high)
+            if not math.isfinite(value) or not inside:
+                span = {True: f"[{low}, {high}]", False: f"({low}, {high})", None: f"[{low}, {high})"}[closed]
+                raise ConfigError(f"{key} must be a finite number in {span.replace('inf', '∞')} (got {value})")
+        if len(opt.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in opt.betas):
+            raise ConfigError(f"optim.betas must be 2 numbers in [0, 1) (got {opt.betas})")
+        if not lora.target_modules or not all(lora.target_modules):
+            raise ConfigError(f"lora.target_modules must name at least one module (got {lora.target_modules})")
+        if tr.batch_size % tr.grad_accum:
+            raise ConfigError(f"train.batch_size ({tr.batch_size}) must be a multiple of train.grad_accum "
+                              f"({tr.grad_accum})")
         if tr.method == "ard+cpt":
-            cpt = stage_steps(self)[1]
+            cpt = tr.cpt_steps if tr.cpt_steps is not None else tr.steps // 4
             if not 1 <= cpt < tr.steps:
                 raise ConfigError(f"train.cpt_steps must be in [1, train.steps) for ard+cpt (got {cpt})")
             if tr.batch_size % 4:
                 raise ConfigError(f"train.batch_size ({tr.batch_size}) must be a multiple of 4 for ard+cpt "
                                   "(its CPT stage reads 4n-token blocks, batch / 4)")
-        for key, value in (("train.steps", tr.steps), ("train.batch_size", tr.batch_size),
-                           ("train.grad_accum", tr.grad_accum), ("data.ctx_len", data.ctx_len),
-                           ("lora.r", self.lora.r), ("ray.num_workers", self.ray.num_workers),
-                           ("train.log_every", tr.log_every)):
-            if value < 1:
-                raise ConfigError(f"{key} must be >= 1 (got {value})")
-        if tr.batch_size % tr.grad_accum:
-            raise ConfigError(f"train.batch_size ({tr.batch_size}) must be a multiple of train.grad_accum "
-                              f"({tr.grad_accum})")
-        for key in ("q", "k", "v", "lm", "logits_kd", "hidden_cosine"):
-            if getattr(loss, key) < 0:
-                raise ConfigError(f"loss.{key} must be >= 0 (got {getattr(loss, key)})")
-        if not any(getattr(loss, key) > 0 for key in ("q", "k", "v", "lm", "logits_kd", "hidden_cosine")):
-            raise ConfigError("loss: every term has weight 0; set at least one of q, k, v, lm, logits_kd, "
-                              "hidden_cosine > 0")
-        if loss.logits_kd_last_k is not None and loss.logits_kd_last_k < 1:
-            raise ConfigError(f"loss.logits_kd_last_k must be >= 1 or null (got {loss.logits_kd_last_k})")
-        if opt.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0 (got {opt.lr})")
-        if not 0 <= opt.min_lr_ratio <= 1:
-            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1] (got {opt.min_lr_ratio})")
-        if opt.warmup_steps < 0 or opt.max_grad_norm < 0:
-            raise ConfigError("optim.warmup_steps and optim.max_grad_norm must be >= 0")
-        if len(opt.betas) != 2:
-            raise ConfigError(f"optim.betas must have 2 values (got {opt.betas})")
-        ev = self.eval
-        if ev.ctx_len is not None and ev.ctx_len < 1:
-            raise ConfigError(f"eval.ctx_len must be >= 1 or null (got {ev.ctx_len})")
         if not ev.length_multipliers or any(m < 1 for m in ev.length_multipliers) or \
                 ev.length_multipliers != sorted(set(ev.length_multipliers)):
             raise ConfigError(f"eval.length_multipliers must be increasing integers >= 1 (got "
                               f"{ev.length_multipliers})")
-        for key in ("ppl_tokens", "batch_size"):
-            if getattr(ev, key) < 1:
-                raise ConfigError(f"eval.{key} must be >= 1 (got {getattr(ev, key)})")
-        if ev.passkey_trials < 0:
-            raise ConfigError(f"eval.passkey_trials must be >= 0 (got {ev.passkey_trials})")
         if not ev.passkey_depths or any(not 0 <= d <= 1 for d in ev.passkey_depths):
             raise ConfigError(f"eval.passkey_depths must be values in [0, 1] (got {ev.passkey_depths})")
-        if not 0 <= data.eval_fraction < 1:
-            raise ConfigError(f"data.eval_fraction must be in [0, 1) (got {data.eval_fraction})")
-        if not m.teacher:
-            raise ConfigError("model.teacher is empty: give a local model path or a hub id")
-        if check_teacher:
-            self._validate_against_teacher()
-
-    def _validate_against_teacher(self) -> None:
-        from linearard.models import load_teacher_config  # transformers import kept off the cheap path
-
-        m = self.model
-        if not Path(m.teacher).expanduser().exists() and not _HUB_ID.fullmatch(m.teacher):
-            raise ConfigError(f"model.teacher: no such model path {m.teacher!r}")
-        try:
-            teacher = load_teacher_config(m.teacher, revision=m.revision, trust_remote_code=m.trust_remote_code)
-        except Exception as err:  # noqa: BLE001 - any load failure is the same user error
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"model.teacher: cannot load the config of {m.teacher!r} ({reason})") from None
-        native = int(teacher.max_position_embeddings)
-        if self.data.ctx_len > native and self.uses_teacher:
-            raise ConfigError(f"data.ctx_len {self.data.ctx_len} is longer than the teacher's native window "
-                              f"{native} (ARD trains on short text the teacher reads natively)")
-        layers = int(teacher.num_hidden_layers)
-        for key in ("layers", "hidden_layers"):
-            for index in getattr(self.loss, key) or []:
-                if not -layers <= index < layers:
-                    raise ConfigError(f"loss.{key}: layer index {index} is out of range for a teacher with "
-                                      f"{layers} layers")
-        if self.model.rope == NATIVE:
-            return
-        try:
-            from linearard.rope import scaled_config
-            scaled_config(teacher, m.rope)
-        except (RopeSpecError, KeyError, ValueError) as err:
-            raise ConfigError(f"model.rope: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def stage_steps(cfg: RunConfig) -> tuple[int, int]:
-    """(ARD steps, CPT steps) of an ard+cpt run."""
-    cpt = cfg.train.cpt_steps if cfg.train.cpt_steps is not None else cfg.train.steps // 4
-    return cfg.train.steps - cpt, cpt
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
-
-
 def _parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     """``["--a.b", "1", "c.d=x", "--e.f=2"]`` -> ``[("a.b", 1), ("c.d", "x"), ("e.f", 2)]``."""
     pairs, i = [], 0
@@ -401,18 +327,6 @@ def _parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
-def _merge(data: dict[str, Any], values: dict[str, Any], *, override: bool) -> dict[str, Any]:
-    """``data`` with the keys of ``values`` merged in (nested dicts merged): all of them with ``override``,
-    else only those ``data`` does not set."""
-    merged = dict(data)
-    for key, value in values.items():
-        if isinstance(value, dict) and isinstance(merged.get(key, {}), dict):
-            merged[key] = _merge(merged.get(key, {}), value, override=override)
-        elif override or key not in merged:
-            merged[key] = value
-    return merged
-
-
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node = data
     *parents, leaf = key.split(".")
@@ -422,6 +336,15 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"bad override {key!r}: {part!r} is not a section")
         node = child
     node[leaf] = value
+
+
+def _dotted_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in data.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, dict) and not prefix:  # sections only: a mapping value below them is a leaf
+            keys += _dotted_keys(value, f"{key}.")
+    return keys
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:

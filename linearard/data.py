@@ -1,6 +1,6 @@
 """Tokenise long documents and cut them into fixed-length training blocks (pure Python + NumPy, no Ray).
 
-Two cutting modes, chosen by ``data.pack`` in the config:
+Two cutting modes, chosen by ``data.mode`` in the config:
 
 * ``per_document`` (the paper): every document is cut on its own into ``ctx_len`` blocks and the remainder
   (fewer than ``ctx_len`` tokens) is dropped, so a block never holds two documents.
@@ -10,15 +10,20 @@ Two cutting modes, chosen by ``data.pack`` in the config:
   so that the relation loss never relates tokens of two documents.
 
 Ray Data calls :func:`make_blocks` inside ``map_batches`` (see ``pipelines/data.py``); the plain-process
-path calls it directly. A batch of blocks is a dict of NumPy arrays:
+path calls it directly. Documents come from local files or a hub dataset (``local_files`` says which files a
+source holds, for both readers); ``heldout_texts`` reads the held-out documents for evaluation without Ray. A batch of blocks is a dict of NumPy arrays:
 ``input_ids int64[N, ctx_len]``, ``doc_index int64[N]`` (index of the block's first document in the input
 batch) and, in packed mode, ``segment_ids int64[N, ctx_len]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import gzip
+import json
+import os
 import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -96,6 +101,93 @@ def is_heldout(text: str, fraction: float) -> bool:
     """Whether a document belongs to the held-out split: a stable hash of its text (the same on every machine
     and run, and needing no count of the corpus, so it works on a stream) falls in the first ``fraction``."""
     return zlib.crc32(text.encode("utf-8")) % 10_000 < round(fraction * 10_000)
+
+
+# File kind -> suffixes a local source is read from (in this order of kinds, each kind's files sorted).
+FILE_KINDS = {
+    "json": (".jsonl", ".json", ".jsonl.gz", ".json.gz"),
+    "parquet": (".parquet",),
+    "text": (".txt", ".txt.gz"),
+}
+
+
+def is_local_source(source: str) -> bool:
+    """A source is local when it names an existing path (or looks like one); otherwise it is a hub dataset."""
+    return os.path.exists(source) or source.startswith((".", "/", "~")) or source.endswith(
+        tuple(s for suffixes in FILE_KINDS.values() for s in suffixes))
+
+
+def local_files(source: str) -> dict[str, list[str]]:
+    """The readable files of a local file or folder by kind (``FILE_KINDS``), each list sorted.
+
+    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` when it holds no readable file.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data source not found: {path}")
+    files = sorted(str(p) for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
+    by_kind: dict[str, list[str]] = {kind: [] for kind in FILE_KINDS}
+    for f in files:
+        kind = next((k for k, suffixes in FILE_KINDS.items() if f.endswith(suffixes)), None)
+        if kind:
+            by_kind[kind].append(f)
+    if not any(by_kind.values()):
+        raise ValueError(f"no .jsonl/.json/.parquet/.txt files under {path}")
+    return by_kind
+
+
+def decode_text(data: bytes) -> str:
+    """A ``.txt`` or ``.txt.gz`` document's text (gzip by its magic bytes; invalid UTF-8 replaced). Both readers
+    decode with this."""
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return data.decode("utf-8", errors="replace")
+
+
+def read_texts(source: str, text_field: str = "text", split: str = "train") -> Iterator[str]:
+    """Every document's text in reading order, without Ray: a local source's files by kind and path (the order
+    ``pipelines.data.read_documents`` unions them in), or a hub dataset streamed."""
+    if not is_local_source(source):
+        import datasets  # optional: only hub sources need it
+
+        for row in datasets.load_dataset(source, split=split, streaming=True):
+            yield _field(row, text_field, source)
+        return
+    files = local_files(source)
+    for path in files["json"]:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
+            for line in f:
+                if line.strip():
+                    yield _field(json.loads(line), text_field, path)
+    if files["parquet"]:
+        import pyarrow.parquet as pq
+
+        for path in files["parquet"]:
+            for batch in pq.ParquetFile(path).iter_batches(columns=[text_field]):
+                yield from (str(t) for t in batch.column(0).to_pylist())
+    for path in files["text"]:
+        yield decode_text(Path(path).read_bytes())
+
+
+def heldout_texts(source: str, text_field: str, fraction: float, max_documents: int = 64) -> list[str]:
+    """The first ``max_documents`` held-out documents (``is_heldout``) in reading order: the same texts in every
+    run, so reports compare. Empty when ``fraction`` is 0."""
+    if fraction <= 0:
+        return []
+    texts = []
+    for text in read_texts(source, text_field):
+        if is_heldout(text, fraction):
+            texts.append(text)
+            if len(texts) == max_documents:
+                break
+    return texts
+
+
+def _field(row: dict[str, Any], text_field: str, where: str) -> str:
+    if text_field not in row:
+        raise KeyError(f"the documents of {where} have no {text_field!r} field (data.text_field); fields: "
+                       f"{sorted(row)}")
+    return str(row[text_field])
 
 
 def _check_ctx_len(ctx_len: int) -> None:

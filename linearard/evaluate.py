@@ -1,26 +1,23 @@
-"""Evaluation of a context-extended model before and after restoring: perplexity by length, passkey retrieval,
-optional lm-evaluation-harness tasks, and the report (``report.json``, ``report.md``, PNG plots).
+"""Evaluation of models side by side: perplexity by length, passkey retrieval, optional lm-evaluation-harness
+tasks, on the same held-out text and the same pass keys for every model.
 
-The usual call compares three models side by side on the same text and the same pass keys::
+    report = evaluate_models({"teacher": t, "extended": e, "restored": r}, tokenizer, texts, plan.eval)
+    linearard.report.write_report(report, "outputs/run/report")
 
-    report = evaluate_models({"teacher": t, "scaled": s, "restored": r}, tokenizer, texts, EvalConfig(ctx_len=256))
-    write_report(report, "outputs/run1")
-
-Lengths are ``ctx_len × length_multipliers`` (n, 2n, 4n by default). ``short_ppl`` is the perplexity at n, the
-native length, where the scaled RoPE hurts and restoring should help; ``long_ppl`` and ``passkey`` are taken at
-the longest length, which the scaled model exists for. ``gap_recovery`` = (PPL_scaled − PPL_restored) /
-(PPL_scaled − PPL_teacher) at n.
+Lengths are ``ctx_len × length_multipliers`` (n, 2n, 4n by default): n is the teacher's native length, where
+scaling RoPE hurts and restoring should help; the longer ones are what the extended model exists for.
+``evaluate_restore`` is the restore job's evaluation: teacher, extended (the student before training) and
+restored (after) from a plan and a checkpoint, then the merged restored model.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +25,7 @@ from tqdm.auto import tqdm
 
 from linearard.config import EvalConfig
 from linearard.data import cut_per_document, tokenize
+from linearard.plan import Plan
 
 # The passkey format (the classic one of Mohtashami & Jaggi, 2023, with a shorter needle so that a prompt
 # of a 256-token native length still has room for filler). The bundled model is pretrained on examples of
@@ -37,9 +35,6 @@ PASSKEY_FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yello
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. "
 PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
 PASSKEY_ANSWER = " {key}"
-
-MODEL_ORDER = ("teacher", "scaled", "restored")
-
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -142,15 +137,6 @@ def passkey_accuracy(model: torch.nn.Module, tokenizer: Any, lengths: Sequence[i
     return grid
 
 
-def gap_recovery(ppl_teacher: float, ppl_scaled: float, ppl_restored: float) -> float | None:
-    """Share of the perplexity gap the restore closed: (PPL_scaled − PPL_restored) / (PPL_scaled − PPL_teacher).
-
-    1.0 means back to the teacher, 0.0 no better than the scaled model; ``None`` when there is no gap to close.
-    """
-    gap = ppl_scaled - ppl_teacher
-    return None if gap <= 0 else (ppl_scaled - ppl_restored) / gap
-
-
 def lm_eval_scores(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str], limit: int | None = None,
                    batch_size: int = 8) -> dict[str, dict[str, Any]]:
     """Scores of lm-evaluation-harness ``tasks`` through its Python API: ``{task: {metric: value}}``.
@@ -169,137 +155,63 @@ def lm_eval_scores(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str],
             for task, metrics in results["results"].items()}
 
 
-def evaluate_models(models: Mapping[str, torch.nn.Module], tokenizer: Any, texts: Sequence[str],
+def evaluate_models(models: Mapping[str, Any], tokenizer: Any, texts: Sequence[str],
                     cfg: EvalConfig) -> dict[str, Any]:
-    """Evaluate each named model on the same held-out ``texts`` and the same pass keys.
+    """Evaluate each named model on the same held-out ``texts`` and the same pass keys, in order.
 
-    Names are free, but ``teacher`` / ``scaled`` / ``restored`` fill ``gap_recovery``. Returns the report
-    dict (JSON-ready, lengths and depths as string keys): ``ppl`` {model: {length: ppl}}, ``short_ppl`` and
-    ``long_ppl`` {model: ppl at n / at the longest length}, ``passkey`` {model: mean accuracy at the longest
-    length}, ``passkey_grid`` {model: {length: {depth: accuracy}}} (both empty when ``passkey_trials`` is 0),
-    ``gap_recovery``, ``lm_eval`` (when asked) and ``eval`` (the config). ``cfg.ctx_len`` must be set.
+    A value is a model or a zero-argument callable that returns one (called when its turn comes: a model can
+    then be built, or changed, just before it is measured). ``cfg.ctx_len`` must be set. Returns the report
+    (JSON-ready; lengths and depths as string keys)::
+
+        {"native_ctx": n, "lengths": [n, 2n, 4n], "eval": {...cfg},
+         "models": {name: {"ppl": {length: ppl}, "passkey": {length: mean accuracy over depths},
+                           "passkey_by_depth": {length: {depth: accuracy}}, "lm_eval": {...}}}}
+
+    ``passkey`` and ``passkey_by_depth`` are left out when ``passkey_trials`` is 0, ``lm_eval`` unless
+    ``lm_eval_tasks`` names tasks.
     """
     lengths = cfg.lengths
     docs = tokenize(texts, tokenizer)
     blocks = {n: _first_blocks(docs, n, max(1, cfg.ppl_tokens // n)) for n in lengths}
-    report: dict[str, Any] = {"ctx_len": cfg.ctx_len, "lengths": lengths, "models": list(models), "ppl": {},
-                              "short_ppl": {}, "long_ppl": {}, "passkey": {}, "passkey_grid": {}}
-    for name, model in models.items():
-        ppl = {str(n): perplexity(model, blocks[n], cfg.batch_size) for n in lengths}
-        report["ppl"][name] = ppl
-        report["short_ppl"][name] = ppl[str(lengths[0])]
-        report["long_ppl"][name] = ppl[str(lengths[-1])]
+    results: dict[str, dict[str, Any]] = {}
+    for name, source in models.items():
+        model = source() if callable(source) and not isinstance(source, torch.nn.Module) else source
+        result: dict[str, Any] = {"ppl": {str(n): perplexity(model, blocks[n], cfg.batch_size) for n in lengths}}
         if cfg.passkey_trials > 0:
             grid = passkey_accuracy(model, tokenizer, lengths, cfg.passkey_depths, cfg.passkey_trials, cfg.seed,
                                     cfg.batch_size)
-            report["passkey_grid"][name] = {str(n): {str(d): a for d, a in row.items()} for n, row in grid.items()}
-            report["passkey"][name] = sum(grid[lengths[-1]].values()) / len(cfg.passkey_depths)
+            result["passkey"] = {str(n): sum(row.values()) / len(row) for n, row in grid.items()}
+            result["passkey_by_depth"] = {str(n): {str(d): a for d, a in row.items()} for n, row in grid.items()}
         if cfg.lm_eval_tasks:
-            report.setdefault("lm_eval", {})[name] = lm_eval_scores(model, tokenizer, cfg.lm_eval_tasks,
-                                                                    cfg.lm_eval_limit, cfg.batch_size)
-    short = report["short_ppl"]
-    report["gap_recovery"] = (gap_recovery(short["teacher"], short["scaled"], short["restored"])
-                              if all(k in short for k in MODEL_ORDER) else None)
-    report["eval"] = asdict(cfg)
+            result["lm_eval"] = lm_eval_scores(model, tokenizer, cfg.lm_eval_tasks, cfg.lm_eval_limit,
+                                               cfg.batch_size)
+        results[name] = result
+    return {"native_ctx": cfg.ctx_len, "lengths": lengths, "models": results, "eval": asdict(cfg)}
+
+
+def evaluate_restore(plan: Plan, checkpoint_dir: str | Path, texts: Sequence[str],
+                     run: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The restore job's evaluation, on one device: teacher, extended (the student as built, before training)
+    and restored (the student with ``checkpoint_dir``'s trained weights) on ``texts``; then the report in
+    ``plan.output.report_dir`` (with ``run``, e.g. method, tokens, seconds) and the merged restored model in
+    ``plan.output.model_dir``. Returns the report."""
+    from linearard.models import build_teacher_student, save_merged
+    from linearard.report import write_report
+    from linearard.train import load_trainable, seed_everything
+
+    if not texts:
+        raise ValueError("no held-out documents to evaluate on (data.eval_fraction selects none of the corpus)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seed_everything(plan.config.train.seed)  # the LoRA init, as in training: the extended model is the same
+    teacher, student, tokenizer = build_teacher_student(plan.models, plan.config.lora, device)
+
+    def restored() -> torch.nn.Module:
+        load_trainable(student, checkpoint_dir)
+        return student
+
+    report = evaluate_models({"teacher": teacher, "extended": student, "restored": restored}, tokenizer, texts,
+                             plan.eval)
+    report["run"] = dict(run or {})
+    write_report(report, plan.output.report_dir)
+    save_merged(student, tokenizer, plan.output.model_dir)
     return report
-
-
-def report_markdown(report: Mapping[str, Any]) -> str:
-    """The report as Markdown tables: perplexity and passkey accuracy by length, one row per model."""
-    lengths = [str(n) for n in report["lengths"]]
-    run = [f"{label} {report[key]:,}" if isinstance(report.get(key), int) else f"{label} {report[key]}"
-           for key, label in (("method", "method"), ("tokens", "training tokens"),
-                              ("train_seconds", "training seconds")) if report.get(key) is not None]
-    lines = ["# Evaluation report", "", f"Native context n = {report['ctx_len']}" +
-             "".join(f"; {item}" for item in run) + ".", "",
-             "## Perplexity on held-out text (lower is better)", "",
-             "| model | " + " | ".join(f"PPL@{n}" for n in lengths) + " |",
-             "|---|" + "---:|" * len(lengths)]
-    for name in report["models"]:
-        lines.append(f"| {name} | " + " | ".join(f"{report['ppl'][name][n]:.3f}" for n in lengths) + " |")
-    if report["passkey_grid"]:
-        lines += ["", "## Passkey retrieval accuracy (mean over depths)", "",
-                  "| model | " + " | ".join(f"@{n}" for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
-        for name in report["models"]:
-            grid = report["passkey_grid"][name]
-            lines.append(f"| {name} | " + " | ".join(
-                f"{sum(grid[n].values()) / len(grid[n]):.2f}" for n in lengths) + " |")
-    if report.get("gap_recovery") is not None:
-        lines += ["", f"Gap recovery at n: **{100 * report['gap_recovery']:.1f}%** "
-                      "= (PPL_scaled − PPL_restored) / (PPL_scaled − PPL_teacher)."]
-    for name, scores in report.get("lm_eval", {}).items():
-        lines += ["", f"## lm-evaluation-harness: {name}", "", "```", json.dumps(scores, indent=1), "```"]
-    return "\n".join(lines) + "\n"
-
-
-def _plot_perplexity(report: Mapping[str, Any], path: Path) -> None:
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
-
-    fig, ax = plt.subplots(figsize=(5.5, 4), layout="constrained")
-    for name in report["models"]:
-        ax.plot(report["lengths"], [report["ppl"][name][str(n)] for n in report["lengths"]], marker="o", label=name)
-    ax.axvline(report["ctx_len"], color="grey", linestyle="--", linewidth=1, label="native n")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(ScalarFormatter())
-    ax.set_xticks(report["lengths"], [str(n) for n in report["lengths"]])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("perplexity on held-out text")
-    ax.set_title("Perplexity vs length")
-    ax.legend()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_passkey(report: Mapping[str, Any], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    names, lengths = report["models"], [str(n) for n in report["lengths"]]
-    depths = list(report["passkey_grid"][names[0]][lengths[0]])
-    fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names) + 1.2, 3.6), squeeze=False, sharey=True,
-                             layout="constrained")
-    for ax, name in zip(axes[0], names):
-        grid = [[report["passkey_grid"][name][n][d] for n in lengths] for d in depths]
-        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        for i, row in enumerate(grid):
-            for j, acc in enumerate(row):
-                ax.text(j, i, f"{acc:.1f}", ha="center", va="center", color="white" if acc < 0.5 else "black")
-        ax.set_xticks(range(len(lengths)), lengths)
-        ax.set_yticks(range(len(depths)), depths)
-        ax.set_xlabel("context length")
-        ax.set_title(name)
-    axes[0][0].set_ylabel("needle depth")
-    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> list[Path]:
-    """Write ``report.json``, ``report.md``, ``ppl_vs_length.png`` and ``passkey_heatmap.png`` (when the passkey
-    test ran) into ``out_dir``.
-
-    Each file is written beside its final name and renamed into place, so a crash leaves no half-written file.
-    Returns the paths written.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    writers = {
-        "report.json": lambda p: p.write_text(json.dumps(report, indent=2) + "\n"),
-        "report.md": lambda p: p.write_text(report_markdown(report)),
-        "ppl_vs_length.png": lambda p: _plot_perplexity(report, p),
-        "passkey_heatmap.png": lambda p: _plot_passkey(report, p),
-    }
-    if not report["passkey_grid"]:  # passkey_trials = 0: nothing to draw
-        del writers["passkey_heatmap.png"]
-    written = []
-    for name, write in writers.items():
-        tmp = out / f".{name}.tmp{Path(name).suffix}"  # keep the suffix: matplotlib picks the format from it
-        write(tmp)
-        os.replace(tmp, out / name)
-        written.append(out / name)
-    return written

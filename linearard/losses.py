@@ -50,10 +50,12 @@ class DistillationLoss:
     ``logits_kd``, ``hidden_cosine`` when their weights are > 0.
     """
 
-    def __init__(self, cfg: LossConfig, num_layers: int):
+    def __init__(self, cfg: LossConfig):
+        if cfg.layers is None or cfg.hidden_layers is None:
+            raise ValueError("LossConfig.layers and hidden_layers must be resolved to indices (linearard.plan)")
         self.cfg = cfg
-        self.layers = _resolve_layers(cfg.layers, num_layers)
-        self.hidden_layers = _resolve_layers(cfg.hidden_layers, num_layers)
+        self.layers = list(cfg.layers)
+        self.hidden_layers = list(cfg.hidden_layers)
         self.relation_weights = {r: getattr(cfg, r) for r in RELATIONS if getattr(cfg, r) > 0}
         self._teacher_qkv: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self._layer_terms: dict[int, dict[str, Tensor]] = {}
@@ -207,12 +209,3 @@ def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
         return values.mean()
     weights = mask.to(values.dtype)
     return (values * weights).sum() / weights.sum().clamp_min(1)
-
-
-def _resolve_layers(layers: list[int] | None, num_layers: int) -> list[int]:
-    if layers is None:
-        return list(range(num_layers))
-    for index in layers:
-        if not -num_layers <= index < num_layers:
-            raise ValueError(f"layer index {index} is out of range for a model with {num_layers} layers")
-    return sorted({index % num_layers for index in layers})

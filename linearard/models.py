@@ -1,7 +1,7 @@
 """Teacher and student construction, and the merged long-context checkpoint at the end.
 
 teacher: the original model, native RoPE, frozen (no grads, eval mode).
-student: the same weights with scaled ``rope_parameters`` (``linearard.rope``); what trains is LoRA on q/k/v
+student: the same weights with the plan's scaled ``rope_parameters`` (``linearard.plan``); what trains is LoRA on q/k/v
 (PEFT), the full q/k/v projections, or the whole model. Both use the ``"linearard"`` attention so their
 post-RoPE Q/K/V can be tapped.
 """
@@ -19,59 +19,57 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from linearard.capture import ATTN_IMPLEMENTATION, attention_modules
-from linearard.config import LoraConfig, ModelConfig
-from linearard.rope import scaled_config
+from linearard.config import LoraConfig
+from linearard.plan import ModelPlan
+from linearard.rope import with_rope
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_teacher_config(name_or_path: str, revision: str | None = None,
-                        trust_remote_code: bool = False) -> PretrainedConfig:
-    """The teacher's transformers config (cheap: reads config.json only)."""
-    return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-
-
-def _load(cfg: ModelConfig, config: PretrainedConfig, device: torch.device | str | None) -> nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.teacher, config=config, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-        dtype=_DTYPES[cfg.dtype], attn_implementation=ATTN_IMPLEMENTATION)
-    return model.to(device) if device is not None else model
-
-
-def build_teacher_student(model_cfg: ModelConfig, lora_cfg: LoraConfig,
+def build_teacher_student(models: ModelPlan, lora_cfg: LoraConfig,
                           device: torch.device | str | None = None) -> tuple[nn.Module, nn.Module, Any]:
-    """Load ``(teacher, student, tokenizer)`` from ``model_cfg.teacher`` (local path or hub id).
+    """Load ``(teacher, student, tokenizer)`` as ``models`` (``linearard.plan.resolve(cfg).models``) says.
 
-    The teacher is frozen in eval mode with the native RoPE. The student has the scaled ``rope_parameters``
-    and ``max_position_embeddings`` of ``model_cfg.rope``, is in train mode, and has only the parameters of
-    ``model_cfg.trainable`` trainable (a ``peft.PeftModel`` for "lora"). Seed first (``transformers.set_seed``)
-    for a reproducible LoRA init.
+    The teacher is frozen in eval mode with the native RoPE. The student has the plan's ``rope_parameters`` and
+    ``max_position_embeddings``, is in train mode, and has only the parameters of ``models.trainable``
+    trainable (a ``peft.PeftModel`` for "lora"). Seed first (``linearard.train.seed_everything``) for a
+    reproducible LoRA init.
     """
-    teacher_config = load_teacher_config(model_cfg.teacher, model_cfg.revision, model_cfg.trust_remote_code)
-    teacher = _load(model_cfg, teacher_config, device)
+    config = AutoConfig.from_pretrained(models.teacher, revision=models.revision,
+                                        trust_remote_code=models.trust_remote_code)
+    teacher = _load(models, config, device)
     teacher.requires_grad_(False)
     teacher.eval()
 
     # Loaded where from_pretrained puts it (CPU), so only what it does not share with the teacher moves to device.
-    student = _load(model_cfg, scaled_config(teacher_config, model_cfg.rope), None)
-    if model_cfg.trainable != "full":  # what trains keeps its own copy, the rest is the teacher's
-        trained = set(lora_cfg.target_modules) if model_cfg.trainable == "qkv" else set()
+    student = _load(models, with_rope(config, models.student_rope, models.student_window), None)
+    if models.trainable != "full":  # what trains keeps its own copy, the rest is the teacher's
+        trained = set(lora_cfg.target_modules) if models.trainable == "qkv" else set()
         share_frozen_weights(teacher, student, lambda module: module in trained)
     if device is not None:
         student.to(device)
-    if model_cfg.gradient_checkpointing:
+    if models.gradient_checkpointing:
         # Non-reentrant: the recompute re-runs the attention tap, which then skips recording (see losses.py).
         enable = getattr(student, "activation_checkpointing_enable", None)  # its name since transformers 5.2x
         if enable is not None:
             enable({"use_reentrant": False})
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    student = make_trainable(student, model_cfg.trainable, lora_cfg)
+    student = make_trainable(student, models.trainable, lora_cfg)
     student.train()
+    return teacher, student, load_tokenizer(models)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or model_cfg.teacher, revision=model_cfg.revision,
-                                              trust_remote_code=model_cfg.trust_remote_code)
-    return teacher, student, tokenizer
+
+def load_tokenizer(models: ModelPlan) -> Any:
+    return AutoTokenizer.from_pretrained(models.tokenizer, revision=models.revision,
+                                         trust_remote_code=models.trust_remote_code)
+
+
+def _load(models: ModelPlan, config: PretrainedConfig, device: torch.device | str | None) -> nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(
+        models.teacher, config=config, revision=models.revision, trust_remote_code=models.trust_remote_code,
+        dtype=_DTYPES[models.dtype], attn_implementation=ATTN_IMPLEMENTATION)
+    return model.to(device) if device is not None else model
 
 
 def share_frozen_weights(teacher: nn.Module, student: nn.Module, keep_own: Callable[[str], bool]) -> None:

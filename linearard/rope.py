@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -90,29 +91,36 @@ def parse_rope_spec(spec: str) -> dict[str, Any]:
                 allowed = ", ".join(sorted(_EXTRA_KEYS[rope_type])) or "none"
                 raise RopeSpecError(f"bad rope spec {spec!r}: unknown option {extra!r} for {rope_type} "
                                     f"(allowed: {allowed})")
-            params[key] = _number(value.strip())
+            number = _number(value.strip())
+            wanted = bool if key == "truncate" else (int, float)
+            if not isinstance(number, wanted) or (wanted is not bool and (isinstance(number, bool)
+                                                                          or not math.isfinite(number))):
+                raise RopeSpecError(f"bad rope spec {spec!r}: {key} must be "
+                                    f"{'true or false' if key == 'truncate' else 'a finite number'} (got {value!r})")
+            params[key] = number
     factor = params.get("factor")
-    if factor is not None and (not isinstance(factor, (int, float)) or factor <= 1):
-        raise RopeSpecError(f"bad rope spec {spec!r}: factor must be > 1 (got {factor})")
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                               or not math.isfinite(factor) or factor <= 1):
+        raise RopeSpecError(f"bad rope spec {spec!r}: factor must be a finite number > 1 (got {factor})")
     return params
 
 
-def student_rope(teacher_config: Any, spec: str) -> tuple[dict[str, Any], int]:
-    """The student's ``(rope_parameters, max_position_embeddings)`` for a teacher config and a spec.
+def student_rope(teacher_config: Any, parsed: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The student's ``(rope_parameters, max_position_embeddings)`` for a teacher config and a parsed spec
+    (``parse_rope_spec`` output).
 
     The teacher's ``rope_theta`` (and ``partial_rotary_factor``) carry over; the native window is the
     teacher's ``max_position_embeddings``.
     """
     native_params = dict(teacher_config.rope_parameters or {})
-    native_window = int(teacher_config.max_position_embeddings)
-    parsed = parse_rope_spec(spec)
+    native = native_window(teacher_config)
     if parsed["rope_type"] == NATIVE:
-        return native_params, native_window
+        return native_params, native
     params = {k: v for k, v in native_params.items() if k in ("rope_theta", "partial_rotary_factor")}
     params.update(parsed)
     rope_type = params["rope_type"]
     if rope_type in ("yarn", "llama3", "longrope"):
-        params.setdefault("original_max_position_embeddings", native_window)
+        params.setdefault("original_max_position_embeddings", native)
     if rope_type == "llama3":
         params.setdefault("low_freq_factor", 1.0)
         params.setdefault("high_freq_factor", 4.0)
@@ -120,21 +128,32 @@ def student_rope(teacher_config: Any, spec: str) -> tuple[dict[str, Any], int]:
         max_positions = params.pop("max_position_embeddings", None)
         if "factor" not in params:
             if max_positions is None:
-                raise RopeSpecError(f"bad rope spec {spec!r}: the LongRoPE JSON needs factor or max_position_embeddings")
+                raise RopeSpecError("the LongRoPE JSON needs factor or max_position_embeddings")
             params["factor"] = max_positions / params["original_max_position_embeddings"]
         if params["factor"] <= 1:
-            raise RopeSpecError(f"bad rope spec {spec!r}: factor must be > 1 (got {params['factor']})")
+            raise RopeSpecError(f"the LongRoPE factor must be > 1 (got {params['factor']})")
         return params, int(max_positions or round(params["original_max_position_embeddings"] * params["factor"]))
     if rope_type == "dynamic":
-        return params, native_window
-    return params, int(round(native_window * params["factor"]))
+        return params, native
+    return params, int(round(native * params["factor"]))
+
+
+def native_window(config: Any) -> int:
+    """A model's native context: the window its RoPE was trained at."""
+    return int(config.max_position_embeddings)
 
 
 def scaled_config(teacher_config: Any, spec: str) -> Any:
-    """A deep copy of ``teacher_config`` whose ``rope_parameters`` and ``max_position_embeddings`` follow ``spec``."""
-    rope_parameters, max_positions = student_rope(teacher_config, spec)
-    config = copy.deepcopy(teacher_config)
-    config.rope_parameters = rope_parameters
+    """A deep copy of ``teacher_config`` whose ``rope_parameters`` and ``max_position_embeddings`` follow
+    ``spec``, checked by transformers' own RoPE validation (a scaled model in one call: evaluation, scripts)."""
+    rope_parameters, max_positions = student_rope(teacher_config, parse_rope_spec(spec))
+    return with_rope(teacher_config, rope_parameters, max_positions)
+
+
+def with_rope(config: Any, rope_parameters: dict[str, Any], max_positions: int) -> Any:
+    """A deep copy of ``config`` with these ``rope_parameters`` and ``max_position_embeddings``."""
+    config = copy.deepcopy(config)
+    config.rope_parameters = copy.deepcopy(rope_parameters)
     config.max_position_embeddings = max_positions
     config.validate_rope()  # transformers' own check of the keys each rope type needs
     return config

@@ -1,13 +1,14 @@
-"""The plain-process trainer: one optimizer step = one batch, split into ``grad_accum`` micro-batches.
+"""The training loop: one optimizer step = one batch, split into ``grad_accum`` micro-batches.
 
 AdamW on the student's trainable parameters, linear warmup then cosine to ``min_lr_ratio`` (transformers'
-schedule), gradient-norm clipping, bf16 autocast on CUDA, a tqdm bar, metrics to a callback, and checkpoints
-with exact resume (trainable weights, optimizer, scheduler, step, data position, RNG states).
+schedule), gradient-norm clipping, bf16 autocast on CUDA, a progress bar, metrics to a callback, and
+checkpoints with exact resume (trainable weights, optimizer, scheduler, step, data position, RNG states).
 
-It runs unchanged when a Ray Train worker has wrapped teacher and student with FSDP2 ``fully_shard``:
-clipping uses ``torch.nn.utils.clip_grad_norm_`` (DTensor-aware), and state goes through
-``torch.distributed.checkpoint.state_dict`` with full (gathered) state dicts, which also works on plain models.
-Metrics are the local rank's values; the caller may all-reduce them.
+The one loop every run trains with: a plain process gives it a list of batches and ``LocalCheckpoints``; a Ray
+Train worker (``pipelines.train``) gives it its Ray Data shard, Ray Train's checkpoint storage and its own
+metric sink and bar. It runs unchanged when teacher and student are FSDP2-sharded: clipping uses
+``torch.nn.utils.clip_grad_norm_`` (DTensor-aware), state goes through ``torch.distributed.checkpoint.state_dict``
+with full (gathered) state dicts, and the step's metrics are reduced over the ranks.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import contextlib
 import itertools
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -37,14 +36,14 @@ from torch.distributed.checkpoint.state_dict import (
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from linearard import checkpoint
 from linearard.config import RunConfig
 from linearard.losses import DistillationLoss
 from linearard.models import compile_layers
 
 Batch = dict[str, Tensor]
-MetricsCallback = Callable[[int, dict[str, float]], None]
-CHECKPOINT_PREFIX = "step-"
-KEEP_CHECKPOINTS = 2
+StepCallback = Callable[[int, dict[str, float]], None]
+BarFactory = Callable[[int, int], Any]  # (total, initial) -> an object with update(n) and close()
 
 
 def is_main_process() -> bool:
@@ -55,28 +54,26 @@ class Trainer:
     """Trains ``student`` to match ``teacher`` under ``cfg.loss``.
 
     Args:
-        cfg: the run config (uses ``loss``, ``optim``, ``train``).
-        teacher, student: from ``build_teacher_student`` (optionally FSDP2-wrapped).
-        callback: ``callback(step, metrics)`` after every optimizer step; ``metrics`` has ``loss``, the
-            per-term values (``ard_q``, ``ard_k``, ``ard_v``, ``lm``, ``logits_kd``, ``hidden_cosine`` when on),
-            ``lr``, ``grad_norm``, ``tokens_per_s`` and ``tokens`` (cumulative).
+        cfg: one stage's config (``linearard.plan.Stage.config``: layer lists resolved); uses ``loss``,
+            ``optim``, ``train``.
+        teacher, student: from ``build_teacher_student`` (optionally FSDP2-sharded).
         device: where batches go; default the student's device.
+        init_from: a checkpoint folder whose trainable weights the student starts from (a warm start, e.g. the
+            CPT stage after the ARD stage; a resume overwrites it).
 
     With ``train.compile`` both models' decoder-layer norms and MLPs go through ``torch.compile``
     (``models.compile_layers``); the first step then includes the compilation.
     """
 
     def __init__(self, cfg: RunConfig, teacher: nn.Module, student: nn.Module,
-                 callback: MetricsCallback | None = None, device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, init_from: str | Path | None = None):
         self.cfg = cfg
         self.teacher, self.student = teacher, student
-        self.callback = callback
         self.device = torch.device(device) if device is not None else next(student.parameters()).device
         self.params = [p for p in student.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the student has no trainable parameters")
-        num_layers = student.config.get_text_config().num_hidden_layers
-        self.objective = DistillationLoss(cfg.loss, num_layers)
+        self.objective = DistillationLoss(cfg.loss)
         self.objective.attach(teacher, student)
         if cfg.train.compile:
             for model in (teacher, student):
@@ -89,14 +86,20 @@ class Trainer:
             min_lr_rate=opt.min_lr_ratio)
         self.step = 0  # optimizer steps done
         self.batches_seen = 0  # data position: batches consumed from the training stream
-        self.tokens_seen = 0
-        if cfg.train.init_from:  # a warm start (e.g. the CPT stage after ARD); a resume overwrites it
-            load_trainable(self.student, Path(cfg.train.init_from) / "trainable.safetensors")
+        self.tokens_seen = 0  # over all ranks
+        self.init_from = str(init_from) if init_from is not None else None
+        if init_from is not None:
+            load_trainable(self.student, init_from)
 
     # ------------------------------------------------------------------------------------------ step
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One optimizer step on ``batch`` (``input_ids`` [B,T], optional ``attention_mask``/``segment_ids``
-        [B,T]); B is split into ``train.grad_accum`` micro-batches. Returns the step's metrics."""
+        [B,T]); B is split into ``train.grad_accum`` micro-batches.
+
+        Returns the step's metrics, the same on every rank: ``loss`` and the per-term values (``ard_q``,
+        ``ard_k``, ``ard_v``, ``lm``, ``logits_kd``, ``hidden_cosine`` when on) averaged over ranks, ``lr``,
+        ``grad_norm``, ``tokens`` (cumulative, all ranks) and ``tokens_per_s`` (all ranks).
+        """
         start = time.perf_counter()
         # counted on the incoming (host) batch: no device sync
         tokens = int(batch["attention_mask"].sum()) if batch.get("attention_mask") is not None \
@@ -121,35 +124,42 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        # The step's only host sync, after the optimizer's kernels are queued.
-        values = iter(torch.stack([v.double() for r in recorded for v in r.values()] + [grad_norm.double()]).tolist())
-        sums: dict[str, float] = {}
-        for micro_terms in recorded:
-            for name in micro_terms:
-                sums[name] = sums.get(name, 0.0) + next(values) / len(micro_batches)
+        names = list(recorded[0])
+        means = torch.stack([torch.stack([r[n] for r in recorded]).double().mean() for n in names])
+        values = torch.cat([means, grad_norm.double().reshape(1).to(means.device),
+                            torch.tensor([tokens], dtype=torch.float64, device=means.device)])
+        values = _sum_over_ranks(values)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        values = values.tolist()  # the step's only host sync, after the optimizer's kernels are queued
+        step_tokens = int(values[-1])
         self.step += 1
         self.batches_seen += 1
-        self.tokens_seen += tokens
-        metrics = {**sums, "lr": lr, "grad_norm": next(values),
-                   "tokens_per_s": tokens / max(time.perf_counter() - start, 1e-9), "tokens": float(self.tokens_seen)}
-        if self.callback is not None:
-            self.callback(self.step, metrics)
-        return metrics
+        self.tokens_seen += step_tokens
+        return {**{n: v / world for n, v in zip(names, values)}, "lr": lr, "grad_norm": values[-2] / world,
+                "tokens_per_s": step_tokens / max(time.perf_counter() - start, 1e-9),
+                "tokens": float(self.tokens_seen)}
 
-    def fit(self, batches: Iterable[Batch], checkpoint_dir: str | Path | None = None) -> dict[str, float]:
-        """Train until ``train.steps``, skipping the batches a resumed run already consumed.
+    def fit(self, batches: Iterable[Batch], checkpoints: checkpoint.CheckpointStore,
+            on_step: StepCallback | None = None, make_bar: BarFactory | None = None) -> dict[str, float]:
+        """Train until ``train.steps``: resume from ``checkpoints.latest()`` if it has one, skip the batches that
+        run consumed, and save to ``checkpoints`` every ``train.checkpoint_every`` steps and at the end.
 
-        ``batches`` must replay the same order on resume (seeded shuffle). Checkpoints go to ``checkpoint_dir``
-        (default ``<train.output_dir>/checkpoints``) every ``train.checkpoint_every`` steps and at the end.
-        Returns the last step's metrics.
+        ``batches`` must replay the same order on resume (seeded shuffle). ``on_step(step, metrics)`` follows
+        every step, before that step's checkpoint. ``make_bar(total, initial)`` makes the progress bar (default:
+        tqdm on the main process when ``train.progress_bar``). Returns the last step's metrics.
         """
         tcfg = self.cfg.train
-        checkpoint_dir = Path(checkpoint_dir or Path(tcfg.output_dir) / "checkpoints")
+        with checkpoints.latest() as directory:
+            if directory is not None:
+                self.load_checkpoint(directory)
         stream = itertools.islice(iter(batches), self.batches_seen, None)
+        if make_bar is None:
+            def make_bar(total: int, initial: int) -> Any:
+                return tqdm(total=total, initial=initial, desc=tcfg.method, unit="step",
+                            disable=not (tcfg.progress_bar and is_main_process()))
+        bar = make_bar(tcfg.steps, self.step)
         metrics: dict[str, float] = {}
-        bar = tqdm(total=tcfg.steps, initial=self.step, desc="distill", unit="step",
-                   disable=not (tcfg.progress_bar and is_main_process()))
-        with bar:
+        try:
             while self.step < tcfg.steps:
                 batch = next(stream, None)
                 if batch is None:
@@ -157,11 +167,13 @@ class Trainer:
                                      f"{tcfg.steps} needs one batch per step")
                 metrics = self.train_step(batch)
                 bar.update(1)
-                if self.step % tcfg.log_every == 0:
-                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", lr=f"{metrics['lr']:.2e}")
-                if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0 and self.step < tcfg.steps:
-                    self.save_checkpoint(checkpoint_dir)
-        self.save_checkpoint(checkpoint_dir)
+                if on_step is not None:
+                    on_step(self.step, metrics)
+                every = tcfg.checkpoint_every
+                if self.step == tcfg.steps or (every and self.step % every == 0):
+                    checkpoints.save(self.step, self.write_checkpoint, metrics)
+        finally:
+            bar.close()
         return metrics
 
     # ---------------------------------------------------------------------------------------- state
@@ -171,7 +183,7 @@ class Trainer:
         optimizer = get_optimizer_state_dict(self.student, self.optimizer, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
         trainer = {"step": self.step, "batches_seen": self.batches_seen, "tokens_seen": self.tokens_seen,
-                   "scheduler": self.scheduler.state_dict()}
+                   "scheduler": self.scheduler.state_dict(), "init_from": self.init_from}
         return {"model": model, "optimizer": optimizer, "trainer": trainer, "rng": _rng_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -186,52 +198,14 @@ class Trainer:
         self.tokens_seen = int(trainer["tokens_seen"])
         _set_rng_state(state["rng"])
 
-    def write_checkpoint(self, directory: str | Path) -> None:
-        """Write this process's part of a checkpoint into an existing ``directory``: rank 0 the gathered
-        trainable weights (safetensors), optimizer, trainer state and config; every rank its RNG state
-        (``rng-<rank>.pt``). Collective under FSDP: every rank must call it."""
-        directory = Path(directory)
-        state = self.state_dict()
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        if rank == 0:
-            save_file({k: v.contiguous() for k, v in state["model"].items()}, directory / "trainable.safetensors")
-            torch.save(state["optimizer"], directory / "optimizer.pt")
-            torch.save(state["trainer"], directory / "trainer.pt")
-            self.cfg.to_yaml(directory / "config.yaml")
-        torch.save(state["rng"], directory / f"rng-{rank}.pt")
+    def write_checkpoint(self, directory: Path) -> None:
+        """Write this rank's part of a checkpoint into an existing ``directory`` (``linearard.checkpoint``).
+        Collective under FSDP: every rank must call it."""
+        checkpoint.write(Path(directory), self.state_dict(), self.cfg.yaml_text())
 
-    def save_checkpoint(self, checkpoint_dir: str | Path) -> Path:
-        """Write ``<checkpoint_dir>/step-<N>/`` (on a filesystem every rank sees) atomically: into a temporary
-        folder renamed at the end. Keeps the newest ``KEEP_CHECKPOINTS``. Collective under FSDP."""
-        checkpoint_dir = Path(checkpoint_dir)
-        final = checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.step:08d}"
-        tmp = checkpoint_dir / f".{final.name}.tmp"
-        main = is_main_process()
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier()
-        self.write_checkpoint(tmp)
-        _barrier()
-        if main:
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in sorted(checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*"))[:-KEEP_CHECKPOINTS]:
-                shutil.rmtree(old, ignore_errors=True)
-        _barrier()
-        return final
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Resume from a folder written by ``save_checkpoint``."""
-        path = Path(path)
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        rng_file = path / f"rng-{rank}.pt"
-        self.load_state_dict({
-            "model": load_file(path / "trainable.safetensors"),
-            "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
-            "trainer": torch.load(path / "trainer.pt", weights_only=True),
-            "rng": torch.load(rng_file if rng_file.exists() else path / "rng-0.pt", weights_only=True),
-        })
+    def load_checkpoint(self, directory: str | Path) -> None:
+        """Resume from a checkpoint folder."""
+        self.load_state_dict(checkpoint.read(Path(directory)))
 
     # -------------------------------------------------------------------------------------- helpers
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -245,14 +219,14 @@ class Trainer:
             self.student.set_requires_gradient_sync(last_micro_batch)
 
 
-def load_trainable(student: nn.Module, path: str | Path) -> None:
-    """Load trainable weights (a checkpoint's ``trainable.safetensors``) into ``student``; nothing else.
+def load_trainable(student: nn.Module, directory: str | Path) -> None:
+    """Load a checkpoint folder's trainable weights into ``student``; nothing else.
 
     Every name in the file must be a trainable student parameter (plain or FSDP2-sharded student)."""
-    weights = load_file(path)
+    weights = checkpoint.read_trainable(directory)
     unknown = set(weights) - set(_trainable_state(student))
     if unknown:
-        raise ValueError(f"{path}: weights that are not trainable student parameters, e.g. {min(unknown)!r}")
+        raise ValueError(f"{directory}: weights that are not trainable student parameters, e.g. {min(unknown)!r}")
     set_model_state_dict(student, weights, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
@@ -260,12 +234,6 @@ def _trainable_state(student: nn.Module) -> dict[str, Tensor]:
     """The student's trainable weights, full (gathered under FSDP2) and on CPU. Collective under FSDP."""
     return get_model_state_dict(student, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-
-
-def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
-    """The newest complete ``step-*`` folder under ``checkpoint_dir`` (None if there is none)."""
-    found = sorted(Path(checkpoint_dir).glob(f"{CHECKPOINT_PREFIX}*")) if Path(checkpoint_dir).is_dir() else []
-    return found[-1] if found else None
 
 
 def seed_everything(seed: int) -> None:
@@ -293,6 +261,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def _sum_over_ranks(values: Tensor) -> Tensor:
+    """``values`` summed over the ranks (as they are in one process). nccl reduces CUDA tensors only."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    reduced = values.to(device)
+    dist.all_reduce(reduced)
+    return reduced

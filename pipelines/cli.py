@@ -1,48 +1,123 @@
-"""The ``linearard`` console script.
+"""The ``linearard`` console script: ``restore`` (the main job, on Ray) and ``evaluate`` (one process).
 
-    linearard restore  [--config X.yaml] [--model M] [--rope SPEC] [--output DIR] [--tracking-uri URI] ...
-    linearard evaluate [--config X.yaml] [--checkpoint DIR] [--output DIR] ...
+    linearard restore  [--config X.yaml] [--model M] [--rope SPEC] [--method M] [--output DIR]
+                       [--tracking-uri URI] [--address RAY] [--workers N] [--section.key value ...]
+    linearard evaluate [--config X.yaml] --checkpoint DIR [--output DIR] [--section.key value ...]
 
-``linearard restore`` is ``python -m pipelines.restore``; ``linearard evaluate`` is ``python -m
-pipelines.evaluate``. Both take any ``--section.key value`` config override.
+Both resolve the config into a plan first: a bad one prints one error line and exits 2 before anything starts
+or is written. A run that fails prints one line (the traceback is in Ray's and MLflow's logs) and exits 1.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+import time
+from pathlib import Path
+
+from linearard.checkpoint import TRAINABLE
+from linearard.config import ConfigError, RunConfig
+from linearard.plan import Plan, resolve
 
 COMMANDS = {
-    "restore": "restore a RoPE-scaled model with LinearARD on Ray (the main job)",
-    "evaluate": "evaluate teacher / scaled / restored on held-out text and write the report",
+    "restore": "restore a long-context model with LinearARD on Ray (the main job)",
+    "evaluate": "evaluate teacher / extended / restored on held-out text and write the report",
+}
+# Shortcut flags -> config keys (every other `--section.key value` passes through as an override).
+SHORTCUTS = {
+    "model": ("model.teacher", "teacher: local path or hub id"),
+    "rope": ("model.rope", "the student's RoPE, e.g. linear:8, yarn:4"),
+    "method": ("train.method", "ard (default) | cpt | logits_kd | hidden_cosine | ard+cpt"),
+    "output": ("train.output_dir", "output folder: checkpoints, report, merged model"),
+    "tracking_uri": ("tracking.uri", "MLflow tracking URI"),
+    "address": ("ray.address", "Ray cluster address; default: RAY_ADDRESS or a private local Ray"),
+    "workers": ("ray.num_workers", "Ray Train workers"),
 }
 
 
 def error_line(err: BaseException) -> str:
-    """``"TypeName: first line of the message"``: what a command prints for an unexpected error (the traceback is
-    in Ray's and MLflow's logs)."""
+    """``"TypeName: first line of the message"``: what a command prints for an unexpected error."""
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def parse_plan(argv: list[str], prog: str = "linearard restore", extra: tuple[str, ...] = ()) -> tuple[Plan, dict]:
+    """Command line -> resolved ``Plan`` (raises ``ConfigError``; argparse exits 2 on unknown usage), plus the
+    values of the ``extra`` flags."""
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description="Every other --section.key "
+                                     "value overrides the config (defaults: the embedded tiny model and corpus).")
+    parser.add_argument("--config", help="run config YAML")
+    for name, (key, text) in SHORTCUTS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", help=f"{text} ({key})")
+    for name in extra:
+        parser.add_argument(f"--{name}")
+    args, overrides = parser.parse_known_args(argv)
+    for name, (key, _) in SHORTCUTS.items():
+        value = getattr(args, name)
+        if value is not None:
+            overrides += [f"--{key}", value]
+    plan = resolve(RunConfig.from_yaml(args.config, overrides))
+    return plan, {name: getattr(args, name) for name in extra}
+
+
+def restore(argv: list[str], prog: str = "linearard restore") -> int:
+    start = time.time()
+    try:
+        plan, _ = parse_plan(argv, prog)
+    except ConfigError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    from pipelines.restore import run
+
+    try:
+        summary = run(plan)
+    except Exception as err:  # noqa: BLE001 - the traceback is in Ray's and MLflow's logs; the user gets one line
+        print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
+        return 1
+    report_md = plan.output.report_dir / "report.md"
+    if report_md.exists():
+        print(report_md.read_text())
+    registered = (f"registered {summary['registered_model']} version {summary['version']}"
+                  if "version" in summary else "not registered")
+    print(f"{prog}: done in {time.time() - start:.0f}s: {summary['steps']} steps, model in {summary['model_dir']}, "
+          f"{registered}")
+    return 0
+
+
+def evaluate(argv: list[str], prog: str = "linearard evaluate") -> int:
+    from linearard.data import heldout_texts
+    from linearard.evaluate import evaluate_restore
+    from linearard.report import report_markdown
+
+    try:
+        plan, extra = parse_plan(argv, prog, extra=("checkpoint",))
+        checkpoint = extra["checkpoint"]
+        if not checkpoint or not (Path(checkpoint) / TRAINABLE).exists():
+            raise ConfigError(f"--checkpoint: no training checkpoint ({TRAINABLE}) in {checkpoint!r}")
+    except ConfigError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        data = plan.config.data
+        report = evaluate_restore(plan, checkpoint, heldout_texts(data.source, data.text_field, data.eval_fraction))
+    except Exception as err:  # noqa: BLE001 - one line for the user
+        print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
+        return 1
+    print(report_markdown(report))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "usage: linearard {restore,evaluate} [options]\n\n" + "\n".join(
-            f"  {name:<9} {text}" for name, text in COMMANDS.items())
         if argv and argv[0] not in ("-h", "--help"):
             print(f"linearard: error: unknown command {argv[0]!r}; expected one of: {', '.join(COMMANDS)}",
                   file=sys.stderr)
             return 2
-        print(usage + "\n\nSee `linearard <command> --help`.")
+        print("usage: linearard {restore,evaluate} [options]\n\n" + "\n".join(
+            f"  {name:<9} {text}" for name, text in COMMANDS.items()) + "\n\nSee `linearard <command> --help`.")
         return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command == "restore":
-        from pipelines.restore import main as restore
-
-        return restore(rest, prog="linearard restore")
-    from pipelines.evaluate import main as evaluate
-
-    return evaluate(rest)
+    return {"restore": restore, "evaluate": evaluate}[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

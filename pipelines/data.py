@@ -12,80 +12,26 @@ of a global all-to-all shuffle that would have to see the whole corpus.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import ray.data
 
-from linearard.config import ConfigError, RunConfig
-from linearard.data import PACK_MODES, is_heldout, make_blocks
-
-# File kind -> suffixes Ray Data reads it from (compressed files are detected by pyarrow from the suffix).
-_SUFFIXES = {
-    "json": (".jsonl", ".json", ".jsonl.gz", ".json.gz"),
-    "parquet": (".parquet",),
-    "text": (".txt", ".txt.gz"),
-}
+from linearard.config import RunConfig
+from linearard.data import PACK_MODES, decode_text, is_heldout, is_local_source, local_files, make_blocks
 
 
-def is_local_source(source: str) -> bool:
-    """A source is local when it names an existing path (or looks like one); otherwise it is a hub dataset."""
-    return os.path.exists(source) or source.startswith((".", "/", "~")) or source.endswith(
-        tuple(s for suffixes in _SUFFIXES.values() for s in suffixes)
-    )
-
-
-def check_source(source: str) -> None:
-    """Fail early, with a ``ConfigError``, on a data source that cannot be read (before any work starts)."""
-    if is_local_source(source):
-        if not Path(source).expanduser().exists():
-            raise ConfigError(f"data.source: no such file or folder {source!r}")
-    else:
-        try:
-            import datasets  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                f"data.source: {source!r} is a hub dataset, which needs the `datasets` package "
-                "(pip install datasets); or give a local .jsonl/.parquet/.txt path"
-            ) from None
-
-
-def training_blocks(cfg: RunConfig) -> ray.data.Dataset:
-    """The training stream of ``cfg``: documents outside the held-out split, cut into ``data.ctx_len`` blocks."""
+def training_blocks(cfg: RunConfig, tokenizer: str, revision: str | None = None) -> ray.data.Dataset:
+    """The training stream of a stage's config: documents outside the held-out split, cut into
+    ``data.ctx_len`` blocks by ``tokenizer`` (a path or hub id, at ``revision``)."""
     data = cfg.data
-    fraction = data.eval_fraction
-    documents = read_documents(
-        data.source, text_field=data.text_field, seed=data.shuffle_seed, max_documents=data.max_documents
-    )
-    if fraction > 0:
-        documents = _split(documents, fraction, heldout=False)
-    return block_dataset(
-        documents,
-        tokenizer=cfg.model.tokenizer or cfg.model.teacher,
-        ctx_len=data.ctx_len,
-        mode=data.mode,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
-
-
-def heldout_texts(cfg: RunConfig, max_documents: int = 64) -> list[str]:
-    """The first ``max_documents`` texts of the held-out split in reading order (for evaluation: the same texts
-    in every run, so reports compare); empty if ``eval_fraction`` is 0."""
-    fraction = cfg.data.eval_fraction
-    if fraction <= 0:
-        return []
-    context = ray.data.DataContext.get_current()
-    preserve = context.execution_options.preserve_order
-    context.execution_options.preserve_order = True  # parallel reads may otherwise finish in any order
-    try:
-        documents = read_documents(cfg.data.source, text_field=cfg.data.text_field)
-        rows = _split(documents, fraction, heldout=True).limit(max_documents).take_all()
-    finally:
-        context.execution_options.preserve_order = preserve
-    return [row["text"] for row in rows]
+    documents = read_documents(data.source, text_field=data.text_field, seed=data.shuffle_seed,
+                               max_documents=data.max_documents)
+    if data.eval_fraction > 0:
+        documents = _outside_heldout(documents, data.eval_fraction)
+    return block_dataset(documents, tokenizer=tokenizer, revision=revision, ctx_len=data.ctx_len, mode=data.mode,
+                         trust_remote_code=cfg.model.trust_remote_code)
 
 
 def read_documents(
@@ -102,7 +48,7 @@ def read_documents(
     with ``datasets.load_dataset(..., streaming=True)``. ``seed`` shuffles the file order (local files).
     """
     if is_local_source(source):
-        ds = _read_local(Path(source).expanduser(), text_field, seed)
+        ds = _read_local(source, text_field, seed)
     else:
         ds = _read_hub(source, split, text_field)
     return ds.limit(max_documents) if max_documents else ds
@@ -114,6 +60,7 @@ def block_dataset(
     tokenizer: str,
     ctx_len: int,
     mode: str = "per_document",
+    revision: str | None = None,
     documents_per_batch: int = 8,
     trust_remote_code: bool = False,
     tokenizer_actors: int = 1,
@@ -131,6 +78,7 @@ def block_dataset(
         _Blocker,
         fn_constructor_kwargs={
             "tokenizer": tokenizer,
+            "revision": revision,
             "ctx_len": ctx_len,
             "mode": mode,
             "trust_remote_code": trust_remote_code,
@@ -144,10 +92,11 @@ def block_dataset(
 class _Blocker:
     """``map_batches`` callable: loads the tokenizer once per actor, then turns document batches into blocks."""
 
-    def __init__(self, tokenizer: str, ctx_len: int, mode: str, trust_remote_code: bool) -> None:
+    def __init__(self, tokenizer: str, revision: str | None, ctx_len: int, mode: str, trust_remote_code: bool) -> None:
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, revision=revision,
+                                                       trust_remote_code=trust_remote_code)
         self.ctx_len, self.mode = ctx_len, mode
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
@@ -156,17 +105,8 @@ class _Blocker:
             yield blocks
 
 
-def _read_local(path: Path, text_field: str, seed: int | None) -> ray.data.Dataset:
-    if not path.exists():
-        raise FileNotFoundError(f"data source not found: {path}")
-    files = sorted(str(p) for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
-    by_kind: dict[str, list[str]] = {kind: [] for kind in _SUFFIXES}
-    for f in files:
-        kind = next((k for k, suffixes in _SUFFIXES.items() if f.endswith(suffixes)), None)
-        if kind:
-            by_kind[kind].append(f)
-    if not any(by_kind.values()):
-        raise ValueError(f"no .jsonl/.json/.parquet/.txt files under {path}")
+def _read_local(source: str, text_field: str, seed: int | None) -> ray.data.Dataset:
+    by_kind = local_files(source)
     shuffle = ray.data.FileShuffleConfig(seed=seed) if seed is not None else None
     parts = []
     if by_kind["json"]:
@@ -200,13 +140,13 @@ def _text_column(ds: ray.data.Dataset, text_field: str) -> ray.data.Dataset:
     return ds.map_batches(_select_text, fn_kwargs={"field": text_field}, batch_format="pyarrow")
 
 
-def _split(documents: ray.data.Dataset, fraction: float, heldout: bool) -> ray.data.Dataset:
-    """The held-out documents (``heldout``) or the others, by ``linearard.data.is_heldout`` (a text hash, so a
-    batch function: Ray Data's row filters want column expressions)."""
+def _outside_heldout(documents: ray.data.Dataset, fraction: float) -> ray.data.Dataset:
+    """The documents outside the held-out split (``linearard.data.is_heldout``, a text hash: a batch function,
+    since Ray Data's row filters want column expressions)."""
     def keep(batch: Any) -> Any:
         import pyarrow as pa
 
-        mask = [is_heldout(text, fraction) == heldout for text in batch["text"].to_pylist()]
+        mask = [not is_heldout(text, fraction) for text in batch["text"].to_pylist()]
         return batch.filter(pa.array(mask, type=pa.bool_()))
 
     return documents.map_batches(keep, batch_format="pyarrow")
@@ -223,5 +163,4 @@ def _select_text(batch: Any, field: str) -> Any:
 def _decode_text(batch: dict[str, Any]) -> Any:
     import pyarrow as pa
 
-    return pa.table({"text": pa.array([bytes(b).decode("utf-8", errors="replace") for b in batch["bytes"]],
-                                      type=pa.large_string())})
+    return pa.table({"text": pa.array([decode_text(bytes(b)) for b in batch["bytes"]], type=pa.large_string())})

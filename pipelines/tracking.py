@@ -1,20 +1,21 @@
-"""MLflow: one run per restore job, per-step metrics, artifacts, and the restored model in the registry.
+"""MLflow, every call of it: one run per restore job, per-step metrics, the evaluation, and the registry.
 
-The driver opens the run (params = the whole config, the config file as an artifact); the rank-0 Ray Train
-worker appends per-step metrics to that run by id (:class:`StepLogger`); when training and evaluation have
-succeeded the driver logs the merged model (transformers flavour, with its tokenizer) and registers a new
-version with tags. Registration is the very last step, so a failed or rejected run registers nothing.
+The driver opens the run (params = the whole config, config.yaml as an artifact, ``open_run``); the rank-0
+Ray Train worker appends per-step metrics to it by id (``StepLogger``); the evaluation task logs the report and
+its numbers (``log_evaluation``) and, last, logs the merged model (transformers flavour, with its tokenizer) and
+registers a new version with tags (``register_model``). Registration is the very last step, so a failed or
+rejected run registers nothing. The driver closes the run (``close_run``).
 
-The tracking URI is anything MLflow accepts: ``http://host:5000`` for a server, or the default local
-``sqlite:///<output>/mlflow.db`` store (the registry needs a database backend) with artifacts in
-``<output>/mlartifacts``.
+The tracking URI is anything MLflow accepts: ``http://host:5000`` for a server, or a local
+``sqlite:///<path>/mlflow.db`` store (the registry needs a database backend), whose artifacts then go to
+``<path>/mlartifacts``.
 """
 
 from __future__ import annotations
 
 import time
-from importlib.metadata import version
 from collections.abc import Mapping
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,10 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from linearard.plan import SQLITE, Plan
+from linearard.report import judge
+
 MODEL_ARTIFACT = "model"
-
-
-def local_tracking_uri(output_dir: str | Path) -> str:
-    """The default store: a sqlite database inside the run's output folder (works offline, has a registry)."""
-    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -42,47 +41,32 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def start_run(
-    tracking_uri: str,
-    experiment: str,
-    *,
-    run_name: str | None = None,
-    params: Mapping[str, Any] | None = None,
-    artifact_dir: str | Path | None = None,
-    tags: Mapping[str, str] | None = None,
-) -> str:
-    """Open (and make active) one MLflow run; log ``params`` flattened. Returns the run id.
-
-    ``artifact_dir`` is where a new experiment keeps its artifacts when the store is a local database
-    (a tracking server decides that itself).
-    """
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        location = Path(artifact_dir).resolve().as_uri() if artifact_dir and _is_local(tracking_uri) else None
-        mlflow.create_experiment(experiment, artifact_location=location)
-    mlflow.set_experiment(experiment)
-    run = mlflow.start_run(run_name=run_name, tags=dict(tags or {}))
-    if params:
-        flat = flatten(params)
-        items = list(flat.items())
-        for i in range(0, len(items), 100):  # log_params takes at most 100 per call
-            mlflow.log_params(dict(items[i : i + 100]))
+def open_run(plan: Plan) -> str:
+    """Open the job's MLflow run: params = the whole config, the config file as an artifact. Returns its id."""
+    cfg = plan.config
+    uri = cfg.tracking.uri
+    _use(uri)
+    if uri.startswith(SQLITE):
+        Path(uri[len(SQLITE):]).parent.mkdir(parents=True, exist_ok=True)
+    if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+        location = None
+        if uri.startswith(SQLITE):  # a tracking server decides where artifacts go itself
+            location = (Path(uri[len(SQLITE):]).parent / "mlartifacts").resolve().as_uri()
+        mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    run = mlflow.start_run(run_name=cfg.tracking.run_name or f"restore-{plan.output.root.name}",
+                           tags={"teacher": plan.models.teacher, "rope": plan.models.rope})
+    items = list(flatten(cfg.to_dict()).items())
+    for i in range(0, len(items), 100):  # log_params takes at most 100 per call
+        mlflow.log_params(dict(items[i:i + 100]))
+    if plan.output.config_file.is_file():
+        mlflow.log_artifact(str(plan.output.config_file))
     return run.info.run_id
 
 
-def end_run(success: bool) -> None:
+def close_run(success: bool) -> None:
     """Close the active run as FINISHED or FAILED."""
     mlflow.end_run(status="FINISHED" if success else "FAILED")
-
-
-def log_artifacts(paths: list[str | Path], artifact_path: str | None = None) -> None:
-    """Log files and folders (config, report, plots) to the active run; missing paths are skipped."""
-    for p in map(Path, paths):
-        if p.is_dir():
-            mlflow.log_artifacts(str(p), artifact_path=artifact_path)
-        elif p.is_file():
-            mlflow.log_artifact(str(p), artifact_path=artifact_path)
 
 
 class StepLogger:
@@ -98,36 +82,45 @@ class StepLogger:
             self.client.log_batch(self.run_id, metrics=batch)
 
 
-def log_and_register_model(
-    model_dir: str | Path,
-    registered_name: str,
-    tags: Mapping[str, Any],
-    task: str = "text-generation",
-) -> Any:
-    """Log the merged HF checkpoint in ``model_dir`` (transformers flavour, tokenizer included) to the active
-    run and register it as a new version of ``registered_name`` with ``tags``. Returns the ``ModelVersion``."""
+def log_evaluation(plan: Plan, run_id: str, report: Mapping[str, Any]) -> None:
+    """Log the report folder and its numbers to the run: ``eval/<model>/ppl_<length>``,
+    ``eval/<model>/passkey_<length>`` and ``eval/restored_vs/<ratio>`` (``linearard.report.judge``)."""
+    _use(plan.config.tracking.uri)
+    metrics = {}
+    for name, result in report["models"].items():
+        for metric in ("ppl", "passkey"):
+            for length, value in result.get(metric, {}).items():
+                metrics[f"eval/{name}/{metric}_{length}"] = value
+    if "restored" in report["models"]:
+        metrics.update({f"eval/restored_vs/{k}": v for k, v in judge(report).items() if v is not None})
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifacts(str(plan.output.report_dir), artifact_path="report")
+        mlflow.log_metrics(metrics)
+
+
+def register_model(plan: Plan, run_id: str, run: Mapping[str, Any]) -> Any:
+    """Log the merged model in ``plan.output.model_dir`` (transformers flavour, tokenizer included) to the run
+    and register it as a new version of ``tracking.registered_model_name`` with tags. Returns the
+    ``ModelVersion``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    cfg = plan.config
+    _use(cfg.tracking.uri)
+    tags = {"teacher": plan.models.teacher, "rope": plan.models.rope, "trainable": plan.models.trainable,
+            "method": run["method"], "tokens_seen": run["tokens"], "steps": run["steps"], "run_id": run_id}
+    tags = {k: str(v) for k, v in tags.items()}
     # MLflow's "log a checkpoint folder" path does not support transformers 5 (it reads the pipeline
     # registry's old layout), so the model is loaded once, in the dtype it was saved in.
-    components = {
-        "model": AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto"),
-        "tokenizer": AutoTokenizer.from_pretrained(model_dir),
-    }
-    info = mlflow.transformers.log_model(
-        transformers_model=components,
-        name=MODEL_ARTIFACT,
-        task=task,
-        tags=_str_values(tags),
-        # Pinned explicitly: MLflow's default list wants torchvision, which a text model does not need.
-        pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in ("transformers", "torch", "safetensors")],
-    )
-    return mlflow.register_model(info.model_uri, registered_name, tags=_str_values(tags))
+    components = {"model": AutoModelForCausalLM.from_pretrained(plan.output.model_dir, dtype="auto"),
+                  "tokenizer": AutoTokenizer.from_pretrained(plan.output.model_dir)}
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.transformers.log_model(
+            transformers_model=components, name=MODEL_ARTIFACT, task="text-generation", tags=tags,
+            # Pinned explicitly: MLflow's default list wants torchvision, which a text model does not need.
+            pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in ("transformers", "torch", "safetensors")])
+        return mlflow.register_model(info.model_uri, cfg.tracking.registered_model_name, tags=tags)
 
 
-def _str_values(tags: Mapping[str, Any]) -> dict[str, str]:
-    return {k: str(v) for k, v in tags.items()}
-
-
-def _is_local(uri: str) -> bool:
-    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+def _use(uri: str) -> None:
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)

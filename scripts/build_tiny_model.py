@@ -37,7 +37,9 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from linearard.data import tokenize  # noqa: E402
-from linearard.evaluate import EvalConfig, evaluate_models, passkey_example, report_markdown, write_report  # noqa: E402
+from linearard.config import EvalConfig  # noqa: E402
+from linearard.evaluate import evaluate_models, passkey_example  # noqa: E402
+from linearard.report import report_markdown, write_report  # noqa: E402
 from linearard.rope import scaled_config  # noqa: E402
 from linearard.tiny import ASSETS, bundled_corpus, bundled_model_path  # noqa: E402
 

@@ -54,6 +54,18 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
+def plan_for(model_path: Path, **sections):
+    """A resolved plan for a tiny model: ``sections`` are config sections as dicts (``model={"rope": "yarn:4"}``);
+    blocks default to 16 tokens."""
+    from linearard.config import RunConfig
+    from linearard.plan import resolve
+
+    data = {name: dict(values) for name, values in sections.items()}
+    data.setdefault("model", {}).setdefault("teacher", str(model_path))
+    data.setdefault("data", {}).setdefault("ctx_len", 16)
+    return resolve(RunConfig.from_dict(data))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """``tiny_model(family="llama") -> Path`` of a saved random tiny model (built once per session)."""

@@ -1,4 +1,5 @@
-"""The plain-process Trainer: the loss falls, schedule, accumulation, and exact resume from a checkpoint."""
+"""The training loop: the loss falls, schedule, accumulation, compiled layers, FSDP2, and exact resume from a
+checkpoint (the loop every run trains with: the Ray worker drives this same ``Trainer.fit``)."""
 
 from __future__ import annotations
 
@@ -9,26 +10,26 @@ import torch
 
 from safetensors.torch import load_file
 
-from linearard.config import RunConfig
+from linearard import checkpoint
+from linearard.checkpoint import LocalCheckpoints
 from linearard.distributed import shard_teacher_student
 from linearard.models import build_teacher_student
-from linearard.train import Trainer, latest_checkpoint, seed_everything
+from linearard.train import Trainer, seed_everything
+from tests.conftest import plan_for
 
 
-def _cfg(path, out, **train):
-    return RunConfig.from_dict({
-        "model": {"teacher": str(path), "rope": "linear:4"},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},  # dropout: resume must restore the RNG too
-        "optim": {"lr": 1e-2, "warmup_steps": 2, "min_lr_ratio": 0.1},
-        "data": {"ctx_len": 16},
-        "train": {"steps": 6, "batch_size": 4, "progress_bar": False, "output_dir": str(out), **train},
-    })
+def _plan(path, out, lora_dropout=0.1, gradient_checkpointing=False, warmup_steps=2, **train):
+    return plan_for(path, model={"rope": "linear:4", "gradient_checkpointing": gradient_checkpointing},
+                    lora={"r": 4, "alpha": 8, "dropout": lora_dropout},  # dropout: resume must restore the RNG too
+                    optim={"lr": 1e-2, "warmup_steps": warmup_steps, "min_lr_ratio": 0.1},
+                    train={"steps": 6, "batch_size": 4, "progress_bar": False, "output_dir": str(out), **train})
 
 
-def _setup(cfg, callback=None):
+def _setup(plan):
+    cfg = plan.stages[0].config
     seed_everything(cfg.train.seed)
-    teacher, student, _ = build_teacher_student(cfg.model, cfg.lora)
-    return Trainer(cfg, teacher, student, callback=callback)
+    teacher, student, _ = build_teacher_student(plan.models, cfg.lora)
+    return Trainer(cfg, teacher, student)
 
 
 def _batches(n, seed=0, bsz=4):
@@ -37,11 +38,11 @@ def _batches(n, seed=0, bsz=4):
 
 
 def test_loss_falls_and_schedule(tiny_model, tmp_path):
-    cfg = _cfg(tiny_model("mistral"), tmp_path, steps=10, checkpoint_every=0)
+    plan = _plan(tiny_model("mistral"), tmp_path, steps=10, checkpoint_every=0)
     seen = {}
-    trainer = _setup(cfg, callback=lambda step, m: seen.__setitem__(step, m))
+    trainer = _setup(plan)
     batch = _batches(1)[0]
-    trainer.fit([batch] * 10)
+    trainer.fit([batch] * 10, LocalCheckpoints(tmp_path / "checkpoints"), on_step=seen.__setitem__)
     losses = [seen[s]["loss"] for s in range(1, 11)]
     assert losses[0] == losses[1]  # warmup's first step has lr 0
     assert all(b < a for a, b in zip(losses[1:], losses[2:])) and losses[-1] < 0.85 * losses[1], losses
@@ -53,16 +54,14 @@ def test_loss_falls_and_schedule(tiny_model, tmp_path):
         assert math.isfinite(seen[10][key])
     assert seen[10]["tokens"] == 10 * 4 * 16
     assert all(not p.requires_grad for p in trainer.teacher.parameters())
-    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-00000010"
+    assert checkpoint.latest(tmp_path / "checkpoints").name == "step-00000010"
 
 
 def test_grad_accum_matches_one_big_batch(tiny_model, tmp_path):
     path, batch = tiny_model("llama"), _batches(1)[0]
     params = []
     for accum in (1, 2):
-        cfg = _cfg(path, tmp_path / str(accum), grad_accum=accum)
-        cfg.lora.dropout = 0.0
-        trainer = _setup(cfg)
+        trainer = _setup(_plan(path, tmp_path / str(accum), lora_dropout=0.0, grad_accum=accum))
         trainer.optimizer.param_groups[0]["lr"] = 1e-2  # skip warmup's zero first step
         metrics = trainer.train_step(batch)
         params.append(([p.detach().clone() for p in trainer.params], metrics["loss"]))
@@ -75,9 +74,7 @@ def test_compiled_layers_match_eager(tiny_model, tmp_path):
     path, batches = tiny_model("llama"), _batches(2)
     runs = []
     for compile_ in (False, True):
-        cfg = _cfg(path, tmp_path / str(compile_), compile=compile_)
-        cfg.lora.dropout = 0.0
-        trainer = _setup(cfg)
+        trainer = _setup(_plan(path, tmp_path / str(compile_), lora_dropout=0.0, compile=compile_))
         trainer.optimizer.param_groups[0]["lr"] = 1e-2  # skip warmup's zero first step
         losses = [trainer.train_step(batch)["loss"] for batch in batches]
         runs.append((losses, [p.detach().clone() for p in trainer.params], trainer))
@@ -93,20 +90,23 @@ def test_compiled_layers_match_eager(tiny_model, tmp_path):
 def test_exact_resume(tiny_model, tmp_path):
     path, batches = tiny_model("qwen3"), _batches(6)
     full = {}
-    _setup(_cfg(path, tmp_path / "full", checkpoint_every=0), lambda s, m: full.__setitem__(s, m)).fit(batches)
+    plan = _plan(path, tmp_path / "full", checkpoint_every=0)
+    _setup(plan).fit(batches, LocalCheckpoints(tmp_path / "full" / "checkpoints"), on_step=full.__setitem__)
 
     resumed = {}
-    cfg = _cfg(path, tmp_path / "cut", checkpoint_every=3)
-    first = _setup(cfg, lambda s, m: resumed.__setitem__(s, m))
-    for batch in batches[:3]:
-        first.train_step(batch)
-    checkpoint = first.save_checkpoint(tmp_path / "cut" / "checkpoints")
-    assert {p.name for p in checkpoint.iterdir()} >= {"trainable.safetensors", "optimizer.pt", "trainer.pt", "rng-0.pt"}
+    store = LocalCheckpoints(tmp_path / "cut" / "checkpoints")
+    plan = _plan(path, tmp_path / "cut", checkpoint_every=3)
+    # a run killed after step 4: its last checkpoint is step 3
+    killed = _setup(plan)
+    with pytest.raises(ValueError, match="ran out after 4 batches"):
+        killed.fit(batches[:4], store, on_step=resumed.__setitem__)
+    saved = checkpoint.latest(store.root)
+    assert saved.name == "step-00000003"
+    assert {p.name for p in saved.iterdir()} >= {"trainable.safetensors", "optimizer.pt", "trainer.pt", "rng-0.pt"}
     torch.manual_seed(1234)  # disturb every RNG and start from a fresh process state
-    second = _setup(cfg, lambda s, m: resumed.__setitem__(s, m))
-    second.load_checkpoint(latest_checkpoint(tmp_path / "cut" / "checkpoints"))
-    assert second.step == 3 and second.batches_seen == 3
-    second.fit(batches)  # skips the 3 consumed batches
+    second = _setup(plan)
+    second.fit(batches, store, on_step=resumed.__setitem__)  # resumes at step 3, skips the 3 consumed batches
+    assert second.step == 6 and second.batches_seen == 6
     for step in range(1, 7):
         for key in ("loss", "ard_q", "ard_k", "ard_v", "lr", "grad_norm"):
             assert resumed[step][key] == full[step][key], (step, key)
@@ -116,14 +116,17 @@ def _fsdp_worker(rank, path, out, port, compiled):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    cfg = _cfg(path, out, steps=3, batch_size=2, grad_accum=2, checkpoint_every=0, compile=compiled)
-    cfg.lora.dropout, cfg.optim.warmup_steps, cfg.model.gradient_checkpointing = 0.0, 0, True
+    plan = _plan(path, out, lora_dropout=0.0, gradient_checkpointing=True, warmup_steps=0, steps=3, batch_size=2,
+                 grad_accum=2, checkpoint_every=0, compile=compiled)
+    cfg = plan.stages[0].config
     seed_everything(0)
-    teacher, student, _ = build_teacher_student(cfg.model, cfg.lora)
+    teacher, student, _ = build_teacher_student(plan.models, cfg.lora)
     shard_teacher_student(teacher, student)  # as the Ray Train worker does
     trainer = Trainer(cfg, teacher, student)
-    losses = [trainer.train_step({"input_ids": b["input_ids"][2 * rank:2 * rank + 2]})["loss"] for b in _batches(3)]
-    trainer.save_checkpoint(out / "checkpoints")  # collective: gathers full state on every rank
+    seen = {}
+    trainer.fit([{"input_ids": b["input_ids"][2 * rank:2 * rank + 2]} for b in _batches(3)],
+                LocalCheckpoints(out / "checkpoints"), on_step=seen.__setitem__)  # collective checkpoint at the end
+    losses = [seen[step]["loss"] for step in (1, 2, 3)]
     torch.save(losses, out / f"losses-{rank}.pt")
     dist.destroy_process_group()
 
@@ -140,14 +143,15 @@ def test_fsdp2_two_ranks_match_one_process(tiny_model, tmp_path, compiled):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_fsdp_worker, args=(path, tmp_path, port, compiled), nprocs=2)
-    sharded = [sum(pair) / 2 for pair in zip(*(torch.load(tmp_path / f"losses-{r}.pt") for r in range(2)))]
+    sharded = [torch.load(tmp_path / f"losses-{r}.pt") for r in range(2)]
 
-    cfg = _cfg(path, tmp_path / "single", steps=3, grad_accum=2, checkpoint_every=0)
-    cfg.lora.dropout, cfg.optim.warmup_steps = 0.0, 0
-    trainer = _setup(cfg)
+    plan = _plan(path, tmp_path / "single", lora_dropout=0.0, warmup_steps=0, steps=3, grad_accum=2,
+                 checkpoint_every=0)
+    trainer = _setup(plan)
     single = [trainer.train_step(b)["loss"] for b in _batches(3)]
-    assert sharded == pytest.approx(single, rel=1e-4)
-    saved = load_file(latest_checkpoint(tmp_path / "checkpoints") / "trainable.safetensors")
+    # every rank reports the step's loss averaged over the ranks: that of one process on the whole batch
+    assert sharded[0] == pytest.approx(single, rel=1e-4) and sharded[1] == sharded[0]
+    saved = load_file(checkpoint.latest(tmp_path / "checkpoints") / "trainable.safetensors")
     for name, value in trainer.student.state_dict().items():
         if name in saved:
             torch.testing.assert_close(saved[name], value, rtol=1e-3, atol=1e-5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from linearard.kernels import relation_kl
-from test_relation_kl import CASES, check, loss_and_grads, make_inputs
+from tests.kernels.test_relation_kl import CASES, check, loss_and_grads, make_inputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -1,6 +1,6 @@
 """Run every restoring method through the main job on the same model, data and tokens, and tabulate them.
 
-    python scripts/baselines.py [--out runs/baselines] [--table docs/baselines.md] [-- extra restore args]
+    python benchmarks/baselines.py [--out runs/baselines] [--table docs/baselines.md] [-- extra restore args]
 
 Each method is one ``linearard restore --train.method M`` run (the same Ray pipeline, data, evaluation and
 MLflow store, one registered model per method); CPT runs again at 10x the tokens. Finished runs (their
@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from harness import markdown_table
 
 # (row name, restore arguments); "cpt x10" trains 10x the steps of the others.
 RUNS = [
@@ -38,7 +40,7 @@ def run_all(out: Path, extra: list[str], steps: int, only: list[str] | None) -> 
         report_path = folder / "report" / "report.json"
         if not report_path.exists():
             args = [a.format(steps10=10 * steps) for a in args]
-            command = [sys.executable, "-m", "pipelines.restore", "--output", str(folder),
+            command = [sys.executable, "-m", "pipelines.cli", "restore", "--output", str(folder),
                        "--tracking-uri", f"sqlite:///{(out / 'mlflow.db').resolve()}",
                        "--tracking.registered_model_name", f"linearard-{folder.name}", "--train.steps", str(steps),
                        *args, *extra]
@@ -52,26 +54,18 @@ def run_all(out: Path, extra: list[str], steps: int, only: list[str] | None) -> 
 
 def table(reports: dict[str, dict]) -> str:
     first = next(iter(reports.values()))
-    n, longest = first["ctx_len"], first["lengths"][-1]
-    passkey = bool(first.get("passkey"))
-    head = (f"| method | PPL@{n} | gap recovery | PPL@{longest} |" + (f" passkey@{n} | passkey@{longest} |" if passkey
-            else "") + " tokens | train s |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    n, longest = str(first["lengths"][0]), str(first["lengths"][-1])
 
-    def row(name: str, model: str, report: dict, tokens: str, seconds: str, recovery: str) -> str:
-        cells = [name, f"{report['short_ppl'][model]:.3f}", recovery, f"{report['long_ppl'][model]:.3f}"]
-        if passkey:
-            grid = report["passkey_grid"][model]
-            cells += [f"{sum(grid[str(n)].values()) / len(grid[str(n)]):.2f}", f"{report['passkey'][model]:.2f}"]
-        return "| " + " | ".join(cells + [tokens, seconds]) + " |"
+    def row(name: str, result: dict, run: dict) -> list:
+        passkey = result.get("passkey", {})
+        return [name, f"{result['ppl'][n]:.3f}", f"{result['ppl'][longest]:.3f}", f"{passkey.get(n, 0):.2f}",
+                f"{passkey.get(longest, 0):.2f}", f"{run.get('tokens', 0):,}", f"{run.get('train_seconds', 0):.0f}"]
 
-    lines.append(row("teacher (native RoPE)", "teacher", first, "—", "—", "—"))
-    lines.append(row("scaled, not restored", "scaled", first, "0", "—", "0%"))
-    for name, report in reports.items():
-        recovery = f"{100 * report['gap_recovery']:.1f}%" if report.get("gap_recovery") is not None else "—"
-        lines.append(row(name, "restored", report, f"{report.get('tokens', 0):,}",
-                         f"{report.get('train_seconds', 0):.0f}", recovery))
-    return "\n".join(lines) + "\n"
+    rows = [row("teacher (native RoPE)", first["models"]["teacher"], {}),
+            row("extended, not restored", first["models"]["extended"], {})]
+    rows += [row(name, report["models"]["restored"], report["run"]) for name, report in reports.items()]
+    return markdown_table(["method", f"PPL@{n}", f"PPL@{longest}", f"passkey@{n}", f"passkey@{longest}", "tokens",
+                           "train s"], rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,9 @@ def test_parse_specs(tmp_path):
 
 @pytest.mark.parametrize("spec, words", [
     ("linear", "expected one of"), ("pi:4", "expected one of"), ("linear:x", "not a number"),
-    ("linear:1", "factor must be > 1"), ("yarn:0.5", "factor must be > 1"), ("yarn:4,alpha=2", "unknown option"),
+    ("linear:1", "factor must be a finite number > 1"), ("yarn:0.5", "factor must be a finite number > 1"),
+    ("linear:inf", "factor must be a finite number > 1"), ("yarn:4,alpha=2", "unknown option"),
+    ("yarn:4,beta_fast=x", "beta_fast must be a finite number"), ("yarn:4,truncate=3", "truncate must be true or false"),
     ("longrope:/no/such.json", "cannot read"),
 ])
 def test_bad_specs(spec, words):

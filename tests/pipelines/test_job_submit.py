@@ -11,11 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_pipeline import check_registered, restore_args
+from tests.pipelines.test_restore import check_registered, restore_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-IMPORT_CHECK = ("import os, pipelines, linearard, linearard.kernels as k; "
+IMPORT_CHECK = ("import os, kernels, pipelines, linearard, linearard.kernels as k; assert getattr(kernels, \"__file__\", None) is None; "
                 "assert k.__file__.startswith(os.getcwd()) and linearard.__file__.startswith(os.getcwd()), k.__file__")
 
 

@@ -10,16 +10,22 @@ import torch
 
 from linearard import losses
 from linearard.capture import set_tap
-from linearard.config import LoraConfig, LossConfig, ModelConfig
+from linearard.config import LoraConfig, LossConfig
 from linearard.kernels import relation_kl
 from linearard.losses import DistillationLoss
 from linearard.models import build_teacher_student
+from tests.conftest import plan_for
 
 
 def _pair(path, rope="linear:4", trainable="lora", checkpointing=False):
     torch.manual_seed(0)
-    model_cfg = ModelConfig(teacher=str(path), rope=rope, trainable=trainable, gradient_checkpointing=checkpointing)
-    return build_teacher_student(model_cfg, LoraConfig(r=4, alpha=8, dropout=0.0))[:2]
+    plan = plan_for(path, model={"rope": rope, "trainable": trainable, "gradient_checkpointing": checkpointing})
+    return build_teacher_student(plan.models, LoraConfig(r=4, alpha=8, dropout=0.0))[:2]
+
+
+def _objective(layers=(0, 1), **weights):
+    """The objective of a 2-layer model (layer lists as the plan resolves them)."""
+    return DistillationLoss(LossConfig(layers=list(layers), hidden_layers=[0, 1], **weights))
 
 
 def _batch(bsz=2, length=12, pad=3, seed=0):
@@ -45,9 +51,9 @@ def _dense_kl_sum(s, t, mask):
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_zero_at_native_rope_positive_when_scaled(tiny_model, family):
     batch = _batch()
-    cfg = LossConfig(lm=0.0, logits_kd=1.0, hidden_cosine=1.0)
+    cfg = LossConfig(lm=0.0, logits_kd=1.0, hidden_cosine=1.0, layers=[0, 1], hidden_layers=[0, 1])
     teacher, student = _pair(tiny_model(family), rope="native")
-    objective = DistillationLoss(cfg, 2)
+    objective = DistillationLoss(cfg)
     objective.attach(teacher, student)
     loss, terms = objective(teacher, student, batch)
     for name in ("ard_q", "ard_k", "ard_v", "logits_kd"):
@@ -55,7 +61,7 @@ def test_zero_at_native_rope_positive_when_scaled(tiny_model, family):
     assert abs(terms["hidden_cosine"].item()) < 1e-6  # 1 - cos(x, x) rounds
 
     teacher, student = _pair(tiny_model(family), rope="linear:4")
-    objective = DistillationLoss(cfg, 2)
+    objective = DistillationLoss(cfg)
     objective.attach(teacher, student)
     loss, terms = objective(teacher, student, batch)
     assert set(terms) == {"ard_q", "ard_k", "ard_v", "logits_kd", "hidden_cosine"}
@@ -75,7 +81,7 @@ def test_normalisation_matches_dense_reference(tiny_model):
         with torch.no_grad():
             model(**batch)
     weights = {"q": 1.0, "k": 0.5, "v": 2.0}
-    objective = DistillationLoss(LossConfig(layers=[-1, 0], **weights), 2)
+    objective = _objective((0, 1), **weights)
     objective.attach(teacher, student)
     loss, terms = objective(teacher, student, batch)
     rows = int(batch["attention_mask"].sum())
@@ -112,13 +118,13 @@ def test_layer_selection(tiny_model):
     teacher, student = _pair(tiny_model("llama"))
     batch = _batch()
     values = {}
-    for layers in ([0], [1], None):
-        objective = DistillationLoss(LossConfig(layers=layers), 2)
+    for layers in ([0], [1], [0, 1]):
+        objective = _objective(layers)
         objective.attach(teacher, student)
         with torch.no_grad():
             values[str(layers)] = objective(teacher, student, batch)[1]["ard_k"]
         objective.release()
-    torch.testing.assert_close(values["None"], (values["[0]"] + values["[1]"]) / 2)
+    torch.testing.assert_close(values["[0, 1]"], (values["[0]"] + values["[1]"]) / 2)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: the interpreter on CPU
@@ -134,7 +140,7 @@ def test_gradient_checkpointing_runs_op_once_same_grads(tiny_model, monkeypatch,
     results = []
     for checkpointing in (False, True):
         teacher, student = _pair(path, trainable="qkv", checkpointing=checkpointing)
-        objective = DistillationLoss(LossConfig(backend=backend), 2)  # relations only: all gradient from the op
+        objective = _objective(backend=backend)  # relations only: all gradient from the op
         objective.attach(teacher, student)
         tap_in_backward = []
         inner_tap = student.model.layers[0].self_attn._linearard_tap
@@ -160,7 +166,7 @@ def test_gradient_checkpointing_runs_op_once_same_grads(tiny_model, monkeypatch,
 
 def test_packed_equals_separate_documents(tiny_model):
     teacher, student = _pair(tiny_model("qwen2"))
-    objective = DistillationLoss(LossConfig(lm=1.0), 2)
+    objective = _objective(lm=1.0)
     objective.attach(teacher, student)
     docs = torch.randint(0, 64, (2, 8))
     with torch.no_grad():

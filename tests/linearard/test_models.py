@@ -8,14 +8,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from linearard.config import LoraConfig, ModelConfig
+from linearard.config import LoraConfig
 from linearard.models import build_teacher_student, save_merged
+from tests.conftest import plan_for
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_teacher_frozen_student_scaled(tiny_model, family):
     teacher, student, tokenizer = build_teacher_student(
-        ModelConfig(teacher=str(tiny_model(family)), rope="yarn:4"), LoraConfig(r=2, alpha=4))
+        plan_for(tiny_model(family), model={"rope": "yarn:4"}).models, LoraConfig(r=2, alpha=4))
     assert not teacher.training and student.training
     assert not any(p.requires_grad for p in teacher.parameters())
     assert teacher.config.rope_parameters["rope_type"] == "default"
@@ -29,7 +30,8 @@ def test_teacher_frozen_student_scaled(tiny_model, family):
 
 @pytest.mark.parametrize("trainable, expected", [("qkv", {"q_proj", "k_proj", "v_proj"}), ("full", None)])
 def test_trainable_modes(tiny_model, trainable, expected):
-    _, student, _ = build_teacher_student(ModelConfig(teacher=str(tiny_model()), trainable=trainable), LoraConfig())
+    _, student, _ = build_teacher_student(plan_for(tiny_model(), model={"trainable": trainable}).models,
+                                      LoraConfig())
     names = [n for n, p in student.named_parameters() if p.requires_grad]
     if expected is None:
         assert len(names) == len(list(student.parameters()))
@@ -39,7 +41,7 @@ def test_trainable_modes(tiny_model, trainable, expected):
 
 @pytest.mark.parametrize("trainable", ["lora", "qkv", "full"])
 def test_student_shares_the_teachers_frozen_weights(tiny_model, trainable):
-    teacher, student, _ = build_teacher_student(ModelConfig(teacher=str(tiny_model()), trainable=trainable),
+    teacher, student, _ = build_teacher_student(plan_for(tiny_model(), model={"trainable": trainable}).models,
                                                 LoraConfig(r=2, alpha=4))
     teacher_storage = {p.data_ptr() for p in teacher.parameters()}
     frozen = [(n, p) for n, p in student.named_parameters() if not p.requires_grad]
@@ -58,7 +60,7 @@ def test_student_shares_the_teachers_frozen_weights(tiny_model, trainable):
 def test_merged_checkpoint_reloads_as_student(tiny_model, tmp_path):
     torch.manual_seed(0)
     teacher, student, tokenizer = build_teacher_student(
-        ModelConfig(teacher=str(tiny_model("qwen2")), rope="llama3:8"), LoraConfig(r=2, alpha=4, dropout=0.0))
+        plan_for(tiny_model("qwen2"), model={"rope": "llama3:8"}).models, LoraConfig(r=2, alpha=4, dropout=0.0))
     with torch.no_grad():  # make the adapters non-trivial, as after training
         for name, p in student.named_parameters():
             if "lora_B" in name:

@@ -1,4 +1,5 @@
-"""Dense float64 reference of the relation KL (T×T maps; for tests only)."""
+"""Dense float64 reference of the relation KL: the T×T maps in full, written independently of the op (for tests
+and the benchmark's dense baseline; never for training)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():  # must precede the first import of the Triton
 
 from linearard.kernels import relation_kl  # noqa: E402
 
-from reference import relation_kl_dense  # noqa: E402
+from linearard.kernels.reference import relation_kl_dense  # noqa: E402
 
 # The Triton interpreter evaluates both sides of tl.where in NumPy: -inf − -inf in masked-out lanes warns.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

@@ -1,4 +1,4 @@
-"""Cutting documents into blocks: the pure functions, then the same through Ray Data on a small corpus.
+"""Cutting documents into blocks, and reading a source's documents without Ray (the held-out texts).
 
 Every document of the test corpus is one repeated word (document i = word ``w{i+2}``, token id i + 2), so a
 block's token ids tell which documents it holds: per-document blocks must be uniform, and in packed blocks the
@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from linearard.data import cut_per_document, is_heldout, make_blocks, pack_documents
+from linearard.data import cut_per_document, heldout_texts, is_heldout, make_blocks, pack_documents, read_texts
 
 CTX = 8
 EOS = 1
@@ -88,15 +88,11 @@ def test_heldout_split_is_stable_and_proportional():
     assert not any(is_heldout(t, 0.0) for t in texts)
 
 
-# ------------------------------------------------------------------------------------------------ Ray Data
-@pytest.fixture(scope="module")
-def corpus_files(tmp_path_factory):
+def write_corpus(root, texts):
     """The corpus split over a .jsonl.gz file (field "body"), a parquet file and a folder of .txt files."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    root = tmp_path_factory.mktemp("corpus")
-    texts = corpus()
     with gzip.open(root / "a.jsonl.gz", "wt") as f:
         for text in texts[:4]:
             f.write(json.dumps({"body": text, "id": 0}) + "\n")
@@ -107,51 +103,21 @@ def corpus_files(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("mode", ["per_document", "packed"])
-def test_ray_data_blocks(ray_driver, tiny_model, corpus_files, mode):
-    from pipelines.data import block_dataset, read_documents
-
-    docs = read_documents(str(corpus_files), text_field="body", seed=3)
-    # 3 documents per batch: the files' order is shuffled, so we check invariants, not positions.
-    rows = block_dataset(docs, tokenizer=str(tiny_model("llama")), ctx_len=CTX, mode=mode,
-                         documents_per_batch=3).take_all()
-    ids = np.stack([r["input_ids"] for r in rows])
-    if mode == "per_document":
-        check_per_document(ids)
-    else:
-        seg = np.stack([r["segment_ids"] for r in rows])
-        check_packed(ids, seg)
-        # Each group of 3 documents drops less than one block of tail.
-        total = sum(LENGTHS) + len(LENGTHS)
-        assert total // CTX - 4 <= len(ids) <= total // CTX
-        # Every token of a block, EOS aside, comes from the documents: no token is invented or lost in a block.
-        assert set(np.unique(ids)) <= {EOS} | {i + 2 for i in range(len(LENGTHS))}
+def test_read_texts_in_reading_order(tmp_path):
+    texts = corpus()
+    write_corpus(tmp_path, texts)
+    (tmp_path / "books" / "z.txt.gz").write_bytes(gzip.compress("zipped text".encode()))
+    assert list(read_texts(str(tmp_path), "body")) == texts + ["zipped text"]
+    with pytest.raises(KeyError, match="no 'text' field"):
+        list(read_texts(str(tmp_path)))
 
 
-def test_read_documents_errors(ray_driver, tmp_path):
-    from pipelines.data import check_source, read_documents
-
-    with pytest.raises(FileNotFoundError):
-        read_documents(str(tmp_path / "missing.jsonl"))
-    (tmp_path / "x.csv").write_text("a,b\n")
-    with pytest.raises(ValueError, match="no .jsonl"):
-        read_documents(str(tmp_path))
-    from linearard.config import ConfigError
-
-    with pytest.raises(ConfigError, match="no such file"):
-        check_source(str(tmp_path / "nope"))
-
-
-def test_heldout_texts_are_the_first_heldout_documents_in_reading_order(ray_driver, tmp_path):
-    from linearard.config import RunConfig
-    from pipelines.data import heldout_texts
-
+def test_heldout_texts_are_the_first_heldout_documents_in_reading_order(tmp_path):
     texts = [f"document {i} " + "x" * (i % 7) for i in range(400)]
-    for part in range(4):  # several files: parallel reads must not reorder what evaluation sees
+    for part in range(4):  # several files, read in order
         with open(tmp_path / f"part-{part}.jsonl", "w") as f:
             f.writelines(json.dumps({"text": t}) + "\n" for t in texts[part * 100:(part + 1) * 100])
-    cfg = RunConfig.from_dict({"data": {"source": str(tmp_path), "eval_fraction": 0.2}})
     expected = [t for t in texts if is_heldout(t, 0.2)][:10]
     assert len(expected) == 10
-    assert heldout_texts(cfg, max_documents=10) == expected
-    assert heldout_texts(cfg, max_documents=10) == expected
+    assert heldout_texts(str(tmp_path), "text", 0.2, max_documents=10) == expected
+    assert heldout_texts(str(tmp_path), "text", 0.0) == []

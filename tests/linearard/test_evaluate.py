@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from linearard.evaluate import (EvalConfig, evaluate_models, gap_recovery, lm_eval_scores, passkey_accuracy,
-                                passkey_example, perplexity, text_blocks, write_report)
+from linearard.config import EvalConfig
+from linearard.evaluate import (evaluate_models, lm_eval_scores, passkey_accuracy, passkey_example, perplexity,
+                                text_blocks)
+from linearard.report import judge, write_report
 from linearard.rope import scaled_config
 from linearard.tiny import bundled_corpus, bundled_model_path
 
@@ -90,33 +92,45 @@ def test_text_blocks_needs_a_long_enough_document(tokenizer):
         text_blocks(["short", "texts"], tokenizer, 64, max_blocks=4)
 
 
-def test_gap_recovery_formula():
-    assert gap_recovery(ppl_teacher=2.0, ppl_scaled=10.0, ppl_restored=4.0) == pytest.approx(0.75)
-    assert gap_recovery(2.0, 10.0, 2.0) == pytest.approx(1.0)
-    assert gap_recovery(2.0, 10.0, 12.0) == pytest.approx(-0.25)  # worse than not restoring at all
-    assert gap_recovery(2.0, 2.0, 3.0) is None  # no gap to recover
+def test_judge_gives_the_ratios_a_user_checks():
+    report = {"lengths": [128, 512], "models": {
+        "teacher": {"ppl": {"128": 2.0, "512": 9.0}, "passkey": {"128": 1.0, "512": 0.0}},
+        "extended": {"ppl": {"128": 3.0, "512": 4.0}, "passkey": {"128": 0.2, "512": 0.8}},
+        "restored": {"ppl": {"128": 2.1, "512": 4.4}, "passkey": {"128": 0.9, "512": 0.6}}}}
+    assert judge(report) == pytest.approx({"ppl_n_over_teacher": 1.05, "passkey_n": 0.9,
+                                           "ppl_long_over_extended": 1.1, "passkey_long_over_extended": 0.75})
+    del report["models"]["extended"]["passkey"]
+    assert judge(report)["passkey_long_over_extended"] is None  # a missing number is None, not a guess
 
 
 def test_evaluate_models_writes_report_and_plots(teacher, scaled, tokenizer, eval_texts, tmp_path):
-    cfg = EvalConfig(ctx_len=128, length_multipliers=(1, 2), ppl_tokens=512, batch_size=4,
-                     passkey_depths=(0.0, 1.0), passkey_trials=2)
-    # the teacher stands in for a perfectly restored student: gap recovery is then exactly 1
-    report = evaluate_models({"teacher": teacher, "scaled": scaled, "restored": teacher}, tokenizer,
+    cfg = EvalConfig(ctx_len=128, length_multipliers=[1, 2], ppl_tokens=512, batch_size=4,
+                     passkey_depths=[0.0, 1.0], passkey_trials=2)
+    calls = []
+
+    def restored():  # a model may be built just before it is measured
+        calls.append("restored")
+        return teacher
+
+    # the teacher stands in for a perfectly restored student: its ratio to the teacher is then exactly 1
+    report = evaluate_models({"teacher": teacher, "extended": scaled, "restored": restored}, tokenizer,
                              eval_texts, cfg)
-    assert report["lengths"] == [128, 256]
-    assert set(report["short_ppl"]) == set(report["long_ppl"]) == set(report["passkey"]) == {
-        "teacher", "scaled", "restored"}
-    assert report["short_ppl"]["teacher"] == report["ppl"]["teacher"]["128"]
-    assert report["long_ppl"]["scaled"] == report["ppl"]["scaled"]["256"]
-    assert report["short_ppl"]["scaled"] > report["short_ppl"]["teacher"]
-    assert report["gap_recovery"] == pytest.approx(1.0)
-    assert report["passkey_grid"]["teacher"] == report["passkey_grid"]["restored"]  # same keys for every model
+    assert calls == ["restored"] and report["lengths"] == [128, 256] and report["native_ctx"] == 128
+    models = report["models"]
+    assert list(models) == ["teacher", "extended", "restored"]
+    assert set(models["teacher"]) == {"ppl", "passkey", "passkey_by_depth"}
+    assert set(models["teacher"]["ppl"]) == set(models["teacher"]["passkey"]) == {"128", "256"}
+    assert models["extended"]["ppl"]["128"] > models["teacher"]["ppl"]["128"]
+    assert models["teacher"]["passkey"]["128"] == sum(models["teacher"]["passkey_by_depth"]["128"].values()) / 2
+    assert models["teacher"] == models["restored"]  # same text and the same keys for every model
+    assert judge(report)["ppl_n_over_teacher"] == 1.0
 
     paths = write_report(report, tmp_path / "out")
     assert sorted(p.name for p in paths) == ["passkey_heatmap.png", "ppl_vs_length.png", "report.json", "report.md"]
-    assert json.loads((tmp_path / "out" / "report.json").read_text()) == json.loads(json.dumps(report))
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written["models"] == json.loads(json.dumps(models)) and written["restored_vs"]["ppl_n_over_teacher"] == 1.0
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert "| scaled |" in markdown and "Gap recovery at n: **100.0%**" in markdown
+    assert "| extended |" in markdown and "PPL@n / teacher **1.000**" in markdown
     for name in ("ppl_vs_length.png", "passkey_heatmap.png"):
         with Image.open(tmp_path / "out" / name) as image:
             image.verify()
@@ -127,12 +141,12 @@ def test_evaluate_models_writes_report_and_plots(teacher, scaled, tokenizer, eva
 def test_passkey_trials_zero_skips_the_passkey_test(teacher, tokenizer, eval_texts, tmp_path):
     cfg = EvalConfig(ctx_len=128, length_multipliers=[1], ppl_tokens=256, batch_size=4, passkey_trials=0)
     report = evaluate_models({"teacher": teacher}, tokenizer, eval_texts, cfg)
-    assert report["passkey"] == {} and report["passkey_grid"] == {} and report["short_ppl"]["teacher"] > 1
-    report.update(method="ard", tokens=204800)
+    assert set(report["models"]["teacher"]) == {"ppl"} and report["models"]["teacher"]["ppl"]["128"] > 1
+    report["run"] = {"method": "ard", "tokens": 204800}
     paths = write_report(report, tmp_path)
     assert sorted(p.name for p in paths) == ["ppl_vs_length.png", "report.json", "report.md"]
     markdown = (tmp_path / "report.md").read_text()
-    assert "Passkey" not in markdown and "method ard; training tokens 204,800." in markdown
+    assert "| teacher | " in markdown and "method ard; training tokens 204,800." in markdown
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval is installed")

@@ -1,0 +1,216 @@
+"""The run plan: a config resolved once, on the driver, into everything the steps of a run read.
+
+    plan = resolve(RunConfig.from_yaml("run.yaml"))   # ConfigError (one line) on anything that cannot run
+    plan.models          # what the teacher and the student are: read from their config.json files alone
+    plan.stages          # the training stages, each a full config with its method's preset applied
+    plan.eval            # the evaluation config, native context resolved
+    plan.output          # where every artifact of the run goes
+
+The plan travels to Ray workers and tasks as it is (it pickles); nothing downstream parses the config, a RoPE
+spec or a layer index again, and nothing writes into the plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from linearard.config import ConfigError, EvalConfig, RunConfig
+from linearard.data import is_local_source, local_files
+from linearard.rope import RopeSpecError, native_window, parse_rope_spec, student_rope, with_rope
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name; anything else must be a local path
+SQLITE = "sqlite:///"
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """The teacher and the student, as the workers build them (``linearard.models.build_teacher_student``)."""
+
+    teacher: str  # local path or hub id
+    tokenizer: str
+    revision: str | None
+    dtype: str
+    trust_remote_code: bool
+    trainable: str
+    gradient_checkpointing: bool
+    model_type: str
+    num_layers: int
+    native_window: int  # the teacher's native context n
+    rope: str  # the student's RoPE spec, as the user gave it (for tags and reports)
+    student_rope: dict[str, Any]  # the student's rope_parameters
+    student_window: int  # the student's max_position_embeddings
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: a Ray Train run of ``config.train.steps`` steps."""
+
+    method: str  # ard | cpt | logits_kd | hidden_cosine
+    config: RunConfig  # the run's config with this method's preset applied and layer lists resolved
+    run_name: str  # the Ray Train run (the folder of its checkpoints under output.storage_path)
+    first_step: int  # steps of the stages before it: the stages share one step axis
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where a run's artifacts go."""
+
+    root: Path
+    config_file: Path  # the run's resolved config.yaml
+    report_dir: Path  # report.json / report.md / plots
+    model_dir: Path  # the merged restored model (HF format)
+    storage_path: str  # Ray Train's storage: checkpoints (a local folder or a URI such as s3://...)
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: RunConfig  # the user's config with paths made absolute
+    models: ModelPlan
+    stages: tuple[Stage, ...]
+    eval: EvalConfig
+    output: OutputLayout
+
+    @property
+    def steps(self) -> int:
+        return sum(stage.config.train.steps for stage in self.stages)
+
+
+def resolve(cfg: RunConfig) -> Plan:
+    """Resolve a checked config against the teacher's config.json; raise ``ConfigError`` (one line) if it cannot
+    run. Reads no weights."""
+    cfg = _absolute_paths(cfg)
+    _check_source(cfg.data.source)
+    models = _model_plan(cfg)
+    stages = tuple(_stages(cfg, models))
+    eval_cfg = dataclasses.replace(cfg.eval, ctx_len=cfg.eval.ctx_len or models.native_window)
+    root = Path(cfg.train.output_dir)
+    storage = cfg.ray.storage_path
+    if not (storage and "://" in storage):
+        storage = str(Path(storage or root / "ray").expanduser().resolve())
+    output = OutputLayout(root=root, config_file=root / "config.yaml", report_dir=root / "report",
+                          model_dir=root / "model", storage_path=storage)
+    return Plan(config=cfg, models=models, stages=stages, eval=eval_cfg, output=output)
+
+
+def load_model_config(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
+                      key: str = "model.teacher") -> Any:
+    """A model's transformers config (reads config.json only); ``ConfigError`` naming ``key`` if it cannot."""
+    from transformers import AutoConfig
+
+    if not Path(name_or_path).expanduser().exists() and not _HUB_ID.fullmatch(name_or_path):
+        raise ConfigError(f"{key}: no such model path {name_or_path!r}")
+    try:
+        return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - any load failure is the same user error
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{key}: cannot load the config of {name_or_path!r} ({reason})") from None
+
+
+def resolve_layers(indices: list[int] | None, num_layers: int, key: str) -> list[int]:
+    """Layer indices (None = all, negative = from the end) as sorted non-negative indices."""
+    if indices is None:
+        return list(range(num_layers))
+    for index in indices:
+        if not -num_layers <= index < num_layers:
+            raise ConfigError(f"{key}: layer index {index} is out of range for a teacher with {num_layers} layers")
+    return sorted({index % num_layers for index in indices})
+
+
+def _check_source(source: str) -> None:
+    """A data source that can be read: a local file/folder with readable files, or a hub dataset (which needs
+    the ``datasets`` package)."""
+    if is_local_source(source):
+        try:
+            local_files(source)
+        except FileNotFoundError:
+            raise ConfigError(f"data.source: no such file or folder {source!r}") from None
+        except ValueError as err:
+            raise ConfigError(f"data.source: {err}") from None
+        return
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"data.source: {source!r} is a hub dataset, which needs the `datasets` package "
+                          "(pip install datasets); or give a local .jsonl/.parquet/.txt path") from None
+
+
+# ------------------------------------------------------------------------------------------- models
+def _model_plan(cfg: RunConfig) -> ModelPlan:
+    m = cfg.model
+    teacher = load_model_config(m.teacher, m.revision, m.trust_remote_code)
+    text = teacher.get_text_config()
+    try:
+        parsed = parse_rope_spec(m.rope)
+        rope_parameters, window = student_rope(text, parsed)
+        with_rope(text, rope_parameters, window)  # transformers' own check of the composed parameters
+    except (RopeSpecError, KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"model.rope: {err}") from None
+    return ModelPlan(
+        teacher=m.teacher, tokenizer=m.tokenizer or m.teacher, revision=m.revision, dtype=m.dtype,
+        trust_remote_code=m.trust_remote_code, trainable=m.trainable, gradient_checkpointing=m.gradient_checkpointing,
+        model_type=text.model_type, num_layers=int(text.num_hidden_layers), native_window=native_window(text),
+        rope=m.rope, student_rope=rope_parameters, student_window=window)
+
+
+# ------------------------------------------------------------------------------------------- stages
+_NO_RELATIONS = {"q": 0.0, "k": 0.0, "v": 0.0}
+# What each single-stage method sets: loss weights (filled where the user set none) ...
+_LOSS_DEFAULTS = {"cpt": {**_NO_RELATIONS, "lm": 1.0}, "logits_kd": {**_NO_RELATIONS, "logits_kd": 1.0},
+                  "hidden_cosine": {**_NO_RELATIONS, "hidden_cosine": 1.0}}
+
+
+def _stages(cfg: RunConfig, models: ModelPlan) -> list[Stage]:
+    """The training stages of ``train.method``: one, or for ard+cpt an ARD stage then a CPT stage."""
+    tr = cfg.train
+    if tr.method == "ard+cpt":
+        cpt_steps = tr.cpt_steps if tr.cpt_steps is not None else tr.steps // 4
+        parts = [("ard", tr.steps - cpt_steps, False), ("cpt", cpt_steps, True)]
+    else:
+        parts = [(tr.method, tr.steps, False)]
+    name = f"train-{Path(tr.output_dir).name}"
+    stages, first = [], 0
+    for method, steps, forced in parts:
+        config = _preset(cfg, method, steps, forced)
+        if config.data.ctx_len > models.native_window and config.loss.reads_teacher:
+            raise ConfigError(f"data.ctx_len {config.data.ctx_len} is longer than the teacher's native window "
+                              f"{models.native_window} (ARD trains on short text the teacher reads natively)")
+        config.loss.layers = resolve_layers(config.loss.layers, models.num_layers, "loss.layers")
+        config.loss.hidden_layers = resolve_layers(config.loss.hidden_layers, models.num_layers, "loss.hidden_layers")
+        run_name = f"{name}-{method}" if len(parts) > 1 else name
+        stages.append(Stage(method=method, config=config, run_name=run_name, first_step=first))
+        first += steps
+    return stages
+
+
+def _preset(cfg: RunConfig, method: str, steps: int, forced: bool) -> RunConfig:
+    """``cfg`` for one stage of ``method``. Its loss weights fill the keys the user did not set (all of them for
+    the CPT stage of ard+cpt, ``forced``); CPT always reads 4n-token blocks, 4 times fewer per step, so every
+    method sees the same tokens per step."""
+    config = copy.deepcopy(cfg)
+    config.train.method, config.train.steps, config.train.cpt_steps = method, steps, None
+    for key, value in _LOSS_DEFAULTS.get(method, {}).items():
+        if forced or not cfg.user_set(f"loss.{key}"):
+            setattr(config.loss, key, value)
+    if method == "cpt":
+        config.data.ctx_len = 4 * cfg.data.ctx_len
+        config.train.batch_size, config.train.grad_accum = max(1, cfg.train.batch_size // 4), 1
+    if not any(getattr(config.loss, key) > 0 for key in ("q", "k", "v", "lm", "logits_kd", "hidden_cosine")):
+        raise ConfigError("loss: every term has weight 0; set at least one of q, k, v, lm, logits_kd, "
+                          "hidden_cosine > 0")
+    return config
+
+
+def _absolute_paths(cfg: RunConfig) -> RunConfig:
+    """A copy whose output folder and sqlite store are absolute (Ray tasks run in other folders)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.output_dir = str(Path(cfg.train.output_dir).expanduser().resolve())
+    uri = cfg.tracking.uri
+    if uri.startswith(SQLITE) and not uri[len(SQLITE):].startswith("/"):
+        cfg.tracking.uri = SQLITE + str(Path(uri[len(SQLITE):]).resolve())
+    return cfg
+
