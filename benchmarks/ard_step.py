@@ -55,6 +55,10 @@ SHAPES = {
     "llama3-8b": (dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
                        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}), "yarn:4"),
+    # Llama-2-7B's layer shapes with 2 layers: what benchmarks/ray_gpu.sh runs through the Ray job side by side
+    "llama2-7b-2l": (dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
+                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), "linear:8"),
     "tiny": (dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=259, max_position_embeddings=256,
                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), "linear:4"),

@@ -47,11 +47,22 @@ def write(directory: Path, state: dict[str, Any], config_yaml: str) -> None:
     """Write this rank's part of a checkpoint (``Trainer.state_dict`` output) into an existing ``directory``."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        save_file({k: v.contiguous() for k, v in state["model"].items()}, directory / TRAINABLE)
+        save_file(_unshared(state["model"]), directory / TRAINABLE)
         torch.save(state["optimizer"], directory / OPTIMIZER)
         torch.save(state["trainer"], directory / TRAINER)
         (directory / CONFIG).write_text(config_yaml)
     torch.save(state["rng"], directory / rng_file(rank))
+
+
+def _unshared(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous tensors, each with storage of its own (safetensors refuses tied ones, e.g. a trained embedding
+    that is also the LM head: both names are written, each loads back into the same tied parameter)."""
+    seen, out = set(), {}
+    for name, tensor in weights.items():
+        tensor = tensor.contiguous()
+        out[name] = tensor.clone() if tensor.data_ptr() in seen else tensor
+        seen.add(tensor.data_ptr())
+    return out
 
 
 def read(directory: Path) -> dict[str, Any]:

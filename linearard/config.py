@@ -21,9 +21,10 @@ from typing import Any
 
 import yaml
 
-from linearard.tiny import ASSETS, bundled_model_path
+from linearard.tiny import ASSETS, bundled_extended_model_path, bundled_model_path
 
 DTYPES = ("float32", "bfloat16", "float16")
+LOSS_TERMS = ("q", "k", "v", "qk", "lm", "logits_kd", "hidden_cosine")  # the weights of LossConfig
 TRAINABLE = ("lora", "qkv", "full")
 DATA_MODES = ("per_document", "packed")
 BACKENDS = ("auto", "torch", "triton")
@@ -48,10 +49,13 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Teacher and student models."""
 
-    teacher: str = str(bundled_model_path())  # local path or hub id of any RoPE causal LM
+    teacher: str = str(bundled_model_path())  # the original model: local path or hub id of a RoPE causal LM
+    # The extended model to restore (local path or hub id), RoPE in its own config; None: the teacher's weights
+    # extended by `rope` (position interpolation and friends without continual pre-training)
+    student: str | None = str(bundled_extended_model_path())
     tokenizer: str | None = None  # defaults to `teacher`
-    revision: str | None = None
-    rope: str = "linear:4"  # the student's RoPE (see linearard.rope)
+    revision: str | None = None  # of every hub read (teacher, student, tokenizer)
+    rope: str | None = None  # the student's RoPE (see linearard.rope); with `student`, an override of its own
     trainable: str = "lora"  # lora | qkv (full q/k/v projections) | full (whole model)
     dtype: str = "float32"  # weights dtype: float32 | bfloat16 | float16
     trust_remote_code: bool = False
@@ -74,7 +78,8 @@ class LossConfig:
 
     q: float = 1.0  # Q/Q relation weight
     k: float = 1.0  # K/K
-    v: float = 3.0  # V/V (weighted up: on the bundled model V/V recovers the most per token, docs/tiny-model.md)
+    v: float = 1.0  # V/V
+    qk: float = 0.0  # the attention map Q/K (teacher's softmax(Q·Kᵀ/√d) against the student's)
     layers: list[int] | None = None  # layers whose relations are distilled; None = all (negative = from the end)
     lm: float = 0.0  # next-token cross-entropy on the student
     logits_kd: float = 0.0  # KL(teacher || student) of next-token distributions
@@ -86,7 +91,7 @@ class LossConfig:
     @property
     def reads_teacher(self) -> bool:
         """Whether a term reads the teacher (every term but ``lm``)."""
-        return any(getattr(self, key) > 0 for key in ("q", "k", "v", "logits_kd", "hidden_cosine"))
+        return any(getattr(self, key) > 0 for key in ("q", "k", "v", "qk", "logits_kd", "hidden_cosine"))
 
 
 @dataclass
@@ -245,6 +250,11 @@ class RunConfig:
                                             self.eval)
         if not m.teacher:
             raise ConfigError("model.teacher is empty: give a local model path or a hub id")
+        if m.student == "":
+            raise ConfigError("model.student is empty: give the extended model's path or hub id, or null")
+        if m.student is None and m.rope is None:
+            raise ConfigError("model.rope must be set when model.student is null (how the teacher's weights are "
+                              "extended, e.g. linear:4), or give model.student")
         for key, value, allowed in (("model.trainable", m.trainable, TRAINABLE), ("model.dtype", m.dtype, DTYPES),
                                     ("data.mode", data.mode, DATA_MODES), ("loss.backend", loss.backend, BACKENDS),
                                     ("train.method", tr.method, tuple(METHODS))):
@@ -257,8 +267,7 @@ class RunConfig:
                     ("ray.max_failures", self.ray.max_failures, 0), ("optim.warmup_steps", opt.warmup_steps, 0),
                     ("eval.ppl_tokens", ev.ppl_tokens, 1), ("eval.batch_size", ev.batch_size, 1),
                     ("eval.passkey_trials", ev.passkey_trials, 0)]
-        at_least += [(f"loss.{key}", getattr(loss, key), 0) for key in ("q", "k", "v", "lm", "logits_kd",
-                                                                         "hidden_cosine")]
+        at_least += [(f"loss.{key}", getattr(loss, key), 0) for key in LOSS_TERMS]
         at_least += [(key, value, 1) for key, value in (("data.max_documents", data.max_documents),
                                                         ("loss.logits_kd_last_k", loss.logits_kd_last_k),
                                                         ("eval.ctx_len", ev.ctx_len), ("eval.lm_eval_limit",

@@ -97,6 +97,25 @@ def make_blocks(
     raise ValueError(f"unknown pack mode {mode!r}; expected one of {PACK_MODES}")
 
 
+def block_batches(texts: Sequence[str], tokenizer: Any, ctx_len: int, mode: PackMode, batch_size: int,
+                  seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """Endless training batches for a plain process: the texts cut into blocks once (``make_blocks``), then
+    epoch after epoch in a seeded shuffled order, ``batch_size`` blocks each (the last partial batch of an epoch
+    dropped). ``pipelines.data`` streams the same blocks through Ray Data for the cluster. Yields
+    ``{"input_ids": int64[batch_size, ctx_len]}`` (and ``segment_ids`` when packed)."""
+    blocks = make_blocks(texts, tokenizer, ctx_len, mode)
+    blocks.pop("doc_index")
+    count = len(blocks["input_ids"])
+    if count < batch_size:
+        raise ValueError(f"the texts give {count} blocks of {ctx_len} tokens, fewer than one batch of {batch_size}")
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(count)
+        for start in range(0, count - batch_size + 1, batch_size):
+            rows = order[start:start + batch_size]
+            yield {name: values[rows] for name, values in blocks.items()}
+
+
 def is_heldout(text: str, fraction: float) -> bool:
     """Whether a document belongs to the held-out split: a stable hash of its text (the same on every machine
     and run, and needing no count of the corpus, so it works on a stream) falls in the first ``fraction``."""

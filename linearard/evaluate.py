@@ -193,10 +193,11 @@ def evaluate_restore(plan: Plan, checkpoint_dir: str | Path, texts: Sequence[str
                      run: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The restore job's evaluation, on one device: teacher, extended (the student as built, before training)
     and restored (the student with ``checkpoint_dir``'s trained weights) on ``texts``; then the report in
-    ``plan.output.report_dir`` (with ``run``, e.g. method, tokens, seconds) and the merged restored model in
-    ``plan.output.model_dir``. Returns the report."""
+    ``plan.output.report_dir`` (with ``run``, e.g. method, tokens, seconds, and ``restored_vs``: the ratios that
+    judge the restore, ``linearard.report.judge``) and the merged restored model in ``plan.output.model_dir``.
+    Returns the report."""
     from linearard.models import build_teacher_student, save_merged
-    from linearard.report import write_report
+    from linearard.report import judge, write_report
     from linearard.train import load_trainable, seed_everything
 
     if not texts:
@@ -211,6 +212,7 @@ def evaluate_restore(plan: Plan, checkpoint_dir: str | Path, texts: Sequence[str
 
     report = evaluate_models({"teacher": teacher, "extended": student, "restored": restored}, tokenizer, texts,
                              plan.eval)
+    report["restored_vs"] = judge(report)
     report["run"] = dict(run or {})
     write_report(report, plan.output.report_dir)
     save_merged(student, tokenizer, plan.output.model_dir)

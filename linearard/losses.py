@@ -1,12 +1,14 @@
 """The distillation objective for one micro-batch: the ARD relation loss plus optional terms.
 
-ARD: for every selected layer l and relation r in {Q/Q, K/K, V/V} (Q and K after RoPE),
+ARD: for every selected layer l and relation r in {Q/Q, K/K, V/V} (Q and K after RoPE), and optionally the
+attention map Q/K itself,
 
-    ard_r(l) = Σ_{b,h,i counted} KL(P_teacher(i,·) ‖ P_student(i,·)) / (counted rows × heads of that tensor)
+    ard_r(l) = Σ_{b,h,i counted} KL(P_teacher(i,·) ‖ P_student(i,·)) / (counted rows × heads of its rows)
 
-where P(i,·) is the causal row softmax of X·Xᵀ/√d (``linearard.kernels.relation_kl``, never an n×n map).
-Q uses the query-head count, K and V the KV-head count, so every relation is a mean KL per (row, head) and
-K/V are not under-weighted on GQA models. ``ard_r`` is averaged over layers; the total is
+where P(i,·) is the causal row softmax of X·Yᵀ/√d (``linearard.kernels.relation_kl``, never an n×n map; X = Y
+for a self-relation, X = Q and Y = K for the attention map). Q and Q/K use the query-head count, K and V the
+KV-head count, so every relation is a mean KL per (row, head) and K/V are not under-weighted on GQA models.
+``ard_r`` is averaged over layers; the total is
 ``Σ_r w_r·ard_r + w_lm·lm + w_kd·logits_kd + w_hid·hidden_cosine``.
 
 Memory: the teacher runs first and its post-RoPE Q/K/V are kept (detached) for the selected layers; the
@@ -34,7 +36,9 @@ from linearard.capture import attention_inputs, in_recompute, set_tap
 from linearard.config import LossConfig
 from linearard.kernels import relation_kl
 
-RELATIONS = ("q", "k", "v")
+# relation -> (rows, columns) of its map: the self-relations Q·Qᵀ, K·Kᵀ, V·Vᵀ, and the attention map Q·Kᵀ itself
+# (each query head against its KV head under GQA; the same 1/√d scale as the attention).
+RELATIONS = {"q": ("q", "q"), "k": ("k", "k"), "v": ("v", "v"), "qk": ("q", "k")}
 
 
 class DistillationLoss:
@@ -46,7 +50,8 @@ class DistillationLoss:
         loss.backward()
         objective.release()                                  # frees the teacher's captured Q/K/V
 
-    ``terms`` holds detached per-term values: ``ard_q``, ``ard_k``, ``ard_v`` (layer means), and ``lm``,
+    ``terms`` holds detached per-term values: ``ard_q``, ``ard_k``, ``ard_v``, ``ard_qk`` (layer means, those
+    with weights > 0), and ``lm``,
     ``logits_kd``, ``hidden_cosine`` when their weights are > 0.
     """
 
@@ -79,16 +84,17 @@ class DistillationLoss:
     def _student_tap(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
         if self._phase != "student" or layer not in self._teacher_qkv or in_recompute():
             return None  # a checkpoint recompute: the first forward kept the op's saved tensors (module docstring)
-        teacher = dict(zip(RELATIONS, self._teacher_qkv[layer]))
-        student = {"q": q, "k": k, "v": v}
+        teacher = dict(zip("qkv", self._teacher_qkv[layer]))
         terms = {}
         # The op's saved tensors are kept as they are; these innermost hooks hide them from the checkpoint's.
         with torch.autograd.graph.saved_tensors_hooks(_keep, _identity):
+            used = {name for rel in self.relation_weights for name in RELATIONS[rel]}
+            student = {name: x.contiguous() for name, x in (("q", q), ("k", k), ("v", v)) if name in used}  # one copy
             for rel in self.relation_weights:
-                s, t = student[rel].contiguous(), teacher[rel]  # one copy, then rows and cols are one tensor
-                kl = relation_kl(s, s, t, t, mask=self._mask, segment_ids=self._segment_ids, causal=True,
-                                 reduction="sum", backend=self.cfg.backend)
-                terms[rel] = kl / self._counted(s.shape[1])
+                rows, cols = RELATIONS[rel]
+                kl = relation_kl(student[rows], student[cols], teacher[rows], teacher[cols], mask=self._mask,
+                                 segment_ids=self._segment_ids, causal=True, reduction="sum", backend=self.cfg.backend)
+                terms[rel] = kl / self._counted(student[rows].shape[1])
             # this layer's share of Σ_r w_r·mean_l ard_r, back-propagated through the attention output
             layer_loss = sum(self.relation_weights[rel] * value for rel, value in terms.items()) / len(self.layers)
         self._layer_terms[layer] = {rel: value.detach() for rel, value in terms.items()}

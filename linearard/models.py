@@ -1,7 +1,8 @@
 """Teacher and student construction, and the merged long-context checkpoint at the end.
 
 teacher: the original model, native RoPE, frozen (no grads, eval mode).
-student: the same weights with the plan's scaled ``rope_parameters`` (``linearard.plan``); what trains is LoRA on q/k/v
+student: the extended model (its own checkpoint, or the teacher's weights) with the plan's ``rope_parameters``
+(``linearard.plan``); what trains is LoRA on q/k/v
 (PEFT), the full q/k/v projections, or the whole model. Both use the ``"linearard"`` attention so their
 post-RoPE Q/K/V can be tapped.
 """
@@ -30,22 +31,21 @@ def build_teacher_student(models: ModelPlan, lora_cfg: LoraConfig,
                           device: torch.device | str | None = None) -> tuple[nn.Module, nn.Module, Any]:
     """Load ``(teacher, student, tokenizer)`` as ``models`` (``linearard.plan.resolve(cfg).models``) says.
 
-    The teacher is frozen in eval mode with the native RoPE. The student has the plan's ``rope_parameters`` and
-    ``max_position_embeddings``, is in train mode, and has only the parameters of ``models.trainable``
-    trainable (a ``peft.PeftModel`` for "lora"). Seed first (``linearard.train.seed_everything``) for a
-    reproducible LoRA init.
+    The teacher is frozen in eval mode with its native RoPE. The student is the extended model (``models.student``:
+    its own checkpoint, or the teacher's weights) with the plan's ``rope_parameters`` and
+    ``max_position_embeddings``, in train mode, with only the parameters of ``models.trainable`` trainable (a
+    ``peft.PeftModel`` for "lora"). Seed first (``linearard.train.seed_everything``) for a reproducible LoRA init.
     """
-    config = AutoConfig.from_pretrained(models.teacher, revision=models.revision,
-                                        trust_remote_code=models.trust_remote_code)
-    teacher = _load(models, config, device)
+    teacher = _load(models, models.teacher, _config(models, models.teacher), device)
     teacher.requires_grad_(False)
     teacher.eval()
 
     # Loaded where from_pretrained puts it (CPU), so only what it does not share with the teacher moves to device.
-    student = _load(models, with_rope(config, models.student_rope, models.student_window), None)
-    if models.trainable != "full":  # what trains keeps its own copy, the rest is the teacher's
+    config = with_rope(_config(models, models.student), models.student_rope, models.student_window)
+    student = _load(models, models.student, config, None)
+    if models.trainable != "full":  # what trains keeps its own copy; what stays frozen is the teacher's if equal
         trained = set(lora_cfg.target_modules) if models.trainable == "qkv" else set()
-        share_frozen_weights(teacher, student, lambda module: module in trained)
+        share_frozen_weights(teacher, student, lambda module: module in trained, check_equal=not models.same_weights)
     if device is not None:
         student.to(device)
     if models.gradient_checkpointing:
@@ -65,29 +65,34 @@ def load_tokenizer(models: ModelPlan) -> Any:
                                          trust_remote_code=models.trust_remote_code)
 
 
-def _load(models: ModelPlan, config: PretrainedConfig, device: torch.device | str | None) -> nn.Module:
+def _config(models: ModelPlan, path: str) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(path, revision=models.revision, trust_remote_code=models.trust_remote_code)
+
+
+def _load(models: ModelPlan, path: str, config: PretrainedConfig, device: torch.device | str | None) -> nn.Module:
     model = AutoModelForCausalLM.from_pretrained(
-        models.teacher, config=config, revision=models.revision, trust_remote_code=models.trust_remote_code,
+        path, config=config, revision=models.revision, trust_remote_code=models.trust_remote_code,
         dtype=_DTYPES[models.dtype], attn_implementation=ATTN_IMPLEMENTATION)
     return model.to(device) if device is not None else model
 
 
-def share_frozen_weights(teacher: nn.Module, student: nn.Module, keep_own: Callable[[str], bool]) -> None:
+def share_frozen_weights(teacher: nn.Module, student: nn.Module, keep_own: Callable[[str], bool],
+                         check_equal: bool = False) -> None:
     """Point the student's parameters at the teacher's tensors of the same name, shape and dtype, except those
-    of modules whose last name component ``keep_own`` is true for (those that will train).
+    of modules whose last name component ``keep_own`` is true for (those that will train); with ``check_equal``
+    (a student from its own checkpoint) only where the values are equal too.
 
-    Teacher and student are the same checkpoint, and what does not train stays equal to the teacher's, so one
-    copy serves both: a 7B pair then holds ~13 GB of bf16 weights instead of ~27 GB. The RoPE tables are
-    buffers, not parameters, so the student keeps its own scaled ones. FSDP2 later shards each model into its
-    own storage (``fully_shard`` copies shards and leaves the original tensors alone), so sharing saves nothing
-    there and costs nothing either.
+    What does not train stays equal to the teacher's, so one copy serves both: a 7B pair from one checkpoint then
+    holds ~13 GB of bf16 weights instead of ~27 GB. The RoPE tables are buffers, not parameters, so the student
+    keeps its own scaled ones. FSDP2 later shards each model into its own storage (``fully_shard`` copies shards
+    and leaves the original tensors alone), so sharing saves nothing there and costs nothing either.
     """
     teacher_params = dict(teacher.named_parameters(remove_duplicate=False))
     for name, param in list(student.named_parameters(remove_duplicate=False)):
         module_name, _, attr = name.rpartition(".")
         source = teacher_params.get(name)
         if (keep_own(module_name.rpartition(".")[2]) or source is None or source.shape != param.shape
-                or source.dtype != param.dtype):
+                or source.dtype != param.dtype or (check_equal and not torch.equal(source.detach(), param.detach().to(source.device)))):
             continue
         setattr(student.get_submodule(module_name), attr, source)  # nn.Module registers it as the parameter
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from linearard.config import ConfigError, EvalConfig, RunConfig
+from linearard.config import LOSS_TERMS, ConfigError, EvalConfig, RunConfig
 from linearard.data import is_local_source, local_files
 from linearard.rope import RopeSpecError, native_window, parse_rope_spec, student_rope, with_rope
 
@@ -32,6 +32,7 @@ class ModelPlan:
     """The teacher and the student, as the workers build them (``linearard.models.build_teacher_student``)."""
 
     teacher: str  # local path or hub id
+    student: str  # where the student's weights come from: the extended model, or the teacher's own
     tokenizer: str
     revision: str | None
     dtype: str
@@ -41,9 +42,14 @@ class ModelPlan:
     model_type: str
     num_layers: int
     native_window: int  # the teacher's native context n
-    rope: str  # the student's RoPE spec, as the user gave it (for tags and reports)
+    rope: str  # the student's RoPE in words: the spec the user gave, or the extended model's own
     student_rope: dict[str, Any]  # the student's rope_parameters
     student_window: int  # the student's max_position_embeddings
+
+    @property
+    def same_weights(self) -> bool:
+        """Whether the student starts from the teacher's own weights (then what does not train is shared)."""
+        return self.student == self.teacher
 
 
 @dataclass(frozen=True)
@@ -142,19 +148,53 @@ def _check_source(source: str) -> None:
 # ------------------------------------------------------------------------------------------- models
 def _model_plan(cfg: RunConfig) -> ModelPlan:
     m = cfg.model
-    teacher = load_model_config(m.teacher, m.revision, m.trust_remote_code)
-    text = teacher.get_text_config()
-    try:
-        parsed = parse_rope_spec(m.rope)
-        rope_parameters, window = student_rope(text, parsed)
-        with_rope(text, rope_parameters, window)  # transformers' own check of the composed parameters
-    except (RopeSpecError, KeyError, TypeError, ValueError) as err:
-        raise ConfigError(f"model.rope: {err}") from None
+    teacher = load_model_config(m.teacher, m.revision, m.trust_remote_code).get_text_config()
+    student = teacher
+    if m.student is not None:
+        student = load_model_config(m.student, m.revision, m.trust_remote_code, key="model.student").get_text_config()
+        _check_extends(teacher, student)
+    if m.rope is None:  # the extended model's own RoPE
+        rope_parameters, window = dict(student.rope_parameters or {}), int(student.max_position_embeddings)
+        label = _rope_label(rope_parameters, window, native_window(teacher))
+    else:
+        try:
+            rope_parameters, window = student_rope(teacher, parse_rope_spec(m.rope))
+            with_rope(student, rope_parameters, window)  # transformers' own check of the composed parameters
+        except (RopeSpecError, KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"model.rope: {err}") from None
+        label = m.rope
+    if m.student is not None and (rope_parameters, window) == (teacher.rope_parameters, teacher.max_position_embeddings):
+        raise ConfigError(f"model.student {m.student!r} has the teacher's own RoPE ({_rope_label(rope_parameters, window, window)}): "
+                          "nothing to restore; give the extended model, or extend it with model.rope")
     return ModelPlan(
-        teacher=m.teacher, tokenizer=m.tokenizer or m.teacher, revision=m.revision, dtype=m.dtype,
-        trust_remote_code=m.trust_remote_code, trainable=m.trainable, gradient_checkpointing=m.gradient_checkpointing,
-        model_type=text.model_type, num_layers=int(text.num_hidden_layers), native_window=native_window(text),
-        rope=m.rope, student_rope=rope_parameters, student_window=window)
+        teacher=m.teacher, student=m.student or m.teacher, tokenizer=m.tokenizer or m.teacher, revision=m.revision,
+        dtype=m.dtype, trust_remote_code=m.trust_remote_code, trainable=m.trainable,
+        gradient_checkpointing=m.gradient_checkpointing, model_type=teacher.model_type,
+        num_layers=int(teacher.num_hidden_layers), native_window=native_window(teacher), rope=label,
+        student_rope=rope_parameters, student_window=window)
+
+
+# What an extended model shares with its base: the architecture and its shapes, and the vocabulary.
+_SAME_SHAPE = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "vocab_size")
+
+
+def _check_extends(teacher: Any, student: Any) -> None:
+    """The student checkpoint is the teacher's architecture with the same shapes (from the configs alone)."""
+    for key in _SAME_SHAPE:
+        mine, theirs = getattr(student, key, None), getattr(teacher, key, None)
+        if key == "head_dim" and None in (mine, theirs):  # configs that derive it from hidden_size / heads
+            continue
+        if mine != theirs:
+            raise ConfigError(f"model.student: its {key} is {mine!r}, the teacher's {theirs!r}: the student must be "
+                              "the teacher's architecture extended (same family, layers, heads, head size, vocabulary)")
+
+
+def _rope_label(rope_parameters: dict[str, Any], window: int, native: int) -> str:
+    """``"linear:4.0 (window 1024)"``: a RoPE in the words of a spec."""
+    kind = rope_parameters.get("rope_type", "default")
+    factor = rope_parameters.get("factor")
+    return f"{kind}{f':{factor:g}' if factor else ''} (window {window}, native {native})"
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -199,9 +239,8 @@ def _preset(cfg: RunConfig, method: str, steps: int, forced: bool) -> RunConfig:
     if method == "cpt":
         config.data.ctx_len = 4 * cfg.data.ctx_len
         config.train.batch_size, config.train.grad_accum = max(1, cfg.train.batch_size // 4), 1
-    if not any(getattr(config.loss, key) > 0 for key in ("q", "k", "v", "lm", "logits_kd", "hidden_cosine")):
-        raise ConfigError("loss: every term has weight 0; set at least one of q, k, v, lm, logits_kd, "
-                          "hidden_cosine > 0")
+    if not any(getattr(config.loss, key) > 0 for key in LOSS_TERMS):
+        raise ConfigError(f"loss: every term has weight 0; set at least one of {', '.join(LOSS_TERMS)} > 0")
     return config
 
 

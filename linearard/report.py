@@ -120,8 +120,7 @@ def _plot_passkey(report: Mapping[str, Any], path: Path) -> None:
 
 def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> list[Path]:
     """Write ``report.json``, ``report.md``, ``ppl_vs_length.png`` and ``passkey_heatmap.png`` (when the passkey
-    test ran) into ``out_dir``; ``report.json`` carries ``judge``'s ratios under ``"restored_vs"`` when there is
-    a restored model.
+    test ran) into ``out_dir``.
 
     Each file is written beside its final name and renamed into place, so a crash leaves no half-written file.
     Returns the paths written.
@@ -129,9 +128,6 @@ def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> list[
     import matplotlib
 
     matplotlib.use("Agg")
-    report = dict(report)
-    if "restored" in report["models"]:
-        report["restored_vs"] = judge(report)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     writers = {

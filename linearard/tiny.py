@@ -23,6 +23,12 @@ def bundled_model_path() -> Path:
     return ASSETS / "tiny-llama"
 
 
+def bundled_extended_model_path() -> Path:
+    """Folder of the bundled extended model: the bundled tiny Llama with RoPE ×4 and continual pre-training at
+    4n (``scripts/build_extended_model.py``), which reads at 4n and has lost some short-text ability at n."""
+    return ASSETS / "tiny-llama-4x"
+
+
 def bundled_corpus_path(split: str) -> Path:
     """Path of one split of the bundled corpus (``train`` or ``eval``, gzipped JSON lines)."""
     if split not in SPLITS:

@@ -98,7 +98,8 @@ class Trainer:
 
         Returns the step's metrics, the same on every rank: ``loss`` and the per-term values (``ard_q``,
         ``ard_k``, ``ard_v``, ``lm``, ``logits_kd``, ``hidden_cosine`` when on) averaged over ranks, ``lr``,
-        ``grad_norm``, ``tokens`` (cumulative, all ranks) and ``tokens_per_s`` (all ranks).
+        ``grad_norm``, ``tokens`` (cumulative, all ranks), ``tokens_per_s`` (all ranks) and, on CUDA,
+        ``peak_memory_gib`` (this rank's allocated peak so far).
         """
         start = time.perf_counter()
         # counted on the incoming (host) batch: no device sync
@@ -135,9 +136,12 @@ class Trainer:
         self.step += 1
         self.batches_seen += 1
         self.tokens_seen += step_tokens
-        return {**{n: v / world for n, v in zip(names, values)}, "lr": lr, "grad_norm": values[-2] / world,
-                "tokens_per_s": step_tokens / max(time.perf_counter() - start, 1e-9),
-                "tokens": float(self.tokens_seen)}
+        metrics = {**{n: v / world for n, v in zip(names, values)}, "lr": lr, "grad_norm": values[-2] / world,
+                   "tokens_per_s": step_tokens / max(time.perf_counter() - start, 1e-9),
+                   "tokens": float(self.tokens_seen)}
+        if self.device.type == "cuda":  # this rank's peak so far (no sync: the allocator's own counter)
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return metrics
 
     def fit(self, batches: Iterable[Batch], checkpoints: checkpoint.CheckpointStore,
             on_step: StepCallback | None = None, make_bar: BarFactory | None = None) -> dict[str, float]:

@@ -26,6 +26,8 @@ COMMANDS = {
 # Shortcut flags -> config keys (every other `--section.key value` passes through as an override).
 SHORTCUTS = {
     "model": ("model.teacher", "teacher: local path or hub id"),
+    "student": ("model.student", "the extended model to restore: local path or hub id; none: the teacher's "
+                                 "weights extended by --rope"),
     "rope": ("model.rope", "the student's RoPE, e.g. linear:8, yarn:4"),
     "method": ("train.method", "ard (default) | cpt | logits_kd | hidden_cosine | ard+cpt"),
     "output": ("train.output_dir", "output folder: checkpoints, report, merged model"),
@@ -55,7 +57,7 @@ def parse_plan(argv: list[str], prog: str = "linearard restore", extra: tuple[st
     for name, (key, _) in SHORTCUTS.items():
         value = getattr(args, name)
         if value is not None:
-            overrides += [f"--{key}", value]
+            overrides += [f"--{key}", "null" if name == "student" and value.lower() == "none" else value]
     plan = resolve(RunConfig.from_yaml(args.config, overrides))
     return plan, {name: getattr(args, name) for name in extra}
 

@@ -139,14 +139,17 @@ def build_model(tokenizer, ctx_len: int, seed: int):
 
 class Batches:
     """Training batches ``[B, T]``: random windows of the train stream (documents joined by EOS), and with
-    probability ``passkey_fraction`` per row a passkey document of random length in [128, T], depth and key
-    (the format of ``linearard.evaluate.passkey_example``), followed by EOS and a code window."""
+    probability ``passkey_fraction`` per row a passkey document of random length in ``passkey_lengths`` (default
+    [128, T]), depth and key (the format of ``linearard.evaluate.passkey_example``), followed by EOS and a code
+    window."""
 
-    def __init__(self, tokenizer, ctx_len: int, batch_size: int, passkey_fraction: float, seed: int):
+    def __init__(self, tokenizer, ctx_len: int, batch_size: int, passkey_fraction: float, seed: int,
+                 passkey_lengths: tuple[int, int] | None = None):
         docs = tokenize(bundled_corpus("train"), tokenizer)
         eos = np.array([tokenizer.eos_token_id])
         self.stream = torch.from_numpy(np.concatenate([part for doc in docs for part in (np.asarray(doc), eos)]))
         self.tokenizer, self.T, self.B, self.fraction = tokenizer, ctx_len, batch_size, passkey_fraction
+        self.lengths = passkey_lengths or (128, ctx_len)
         self.generator = torch.Generator().manual_seed(seed)
         self.rng = random.Random(seed)
 
@@ -155,7 +158,7 @@ class Batches:
         batch = self.stream[starts[:, None] + torch.arange(self.T)]
         is_passkey = torch.rand(self.B, generator=self.generator) < self.fraction
         for row in is_passkey.nonzero().flatten().tolist():
-            length = self.rng.randint(128, self.T)
+            length = self.rng.randint(*self.lengths)
             ids, _ = passkey_example(self.tokenizer, length, self.rng.random(), self.rng.randint(10000, 99999))
             code = batch[row, :self.T - length - 1].clone()  # the start of the row's own code window
             batch[row, :length] = ids
