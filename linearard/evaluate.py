@@ -12,6 +12,8 @@ restored (after) from a plan and a checkpoint, then the merged restored model.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -137,11 +139,31 @@ def passkey_accuracy(model: torch.nn.Module, tokenizer: Any, lengths: Sequence[i
     return grid
 
 
-def lm_eval_scores(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str], limit: int | None = None,
-                   batch_size: int = 8) -> dict[str, dict[str, Any]]:
-    """Scores of lm-evaluation-harness ``tasks`` through its Python API: ``{task: {metric: value}}``.
+# The bundled lm-eval tasks (YAML + jsonl, offline): see docs/tiny-model.md.
+LM_EVAL_TASKS = Path(__file__).resolve().parent / "assets" / "lm_eval"
 
-    Needs the optional ``eval`` extra (``pip install 'linearard[eval]'``); the tasks' data sets must be
+
+@functools.lru_cache(maxsize=4)
+def _lm_eval_task_manager(include_paths: tuple[str, ...]) -> Any:
+    """An lm-eval ``TaskManager`` over its own tasks and ``include_paths``, made once per paths: indexing its
+    ~15k task YAMLs takes seconds, and ``evaluate_models`` asks once per model."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include_paths))
+
+
+def lm_eval_scores(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str], limit: int | None = None,
+                   batch_size: int = 8, max_length: int | None = None,
+                   include_path: str | os.PathLike | None = None) -> dict[str, dict[str, float | None]]:
+    """Scores of lm-evaluation-harness ``tasks`` on an in-memory HF causal LM: ``{task: {metric: value}}``.
+
+    ``tasks`` are lm-eval task, group or tag names: its own, the bundled ones (``linearard_passkey_mc``,
+    ``linearard_stdlib_code``, tag ``linearard``: local data, offline) and any under ``include_path``.
+    ``max_length`` is the window lm-eval cuts inputs to (default: the model's ``max_position_embeddings``);
+    give a context-extended model its length for long tasks and the native one for short tasks. Metric names
+    drop lm-eval's ``,none`` filter suffix (``"acc"``, ``"acc_stderr"``); values are floats, ``None`` where not
+    finite; non-numeric entries (aliases, ``"N/A"`` stderrs) are left out, so the result is plain JSON.
+    Needs the ``eval`` extra (``pip install 'linearard[eval]'``); lm-eval's own tasks need their data sets
     downloadable or cached.
     """
     try:
@@ -149,9 +171,13 @@ def lm_eval_scores(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str],
         from lm_eval.models.huggingface import HFLM
     except ImportError as e:
         raise ImportError("lm-evaluation-harness is not installed: pip install 'linearard[eval]'") from e
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
-    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+    paths = (str(LM_EVAL_TASKS),) + ((str(include_path),) if include_path is not None else ())
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, log_samples=False,
+                                      task_manager=_lm_eval_task_manager(paths))
+    return {task: {key.removesuffix(",none"): float(value) if math.isfinite(value) else None
+                   for key, value in metrics.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
             for task, metrics in results["results"].items()}
 
 

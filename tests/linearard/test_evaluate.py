@@ -3,9 +3,9 @@ retrieval, the report files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -148,7 +148,7 @@ def test_passkey_trials_zero_skips_the_passkey_test(teacher, tokenizer, eval_tex
     assert "| teacher | " in markdown and "method ard; training tokens 204,800." in markdown
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval is installed")
-def test_lm_eval_without_the_extra_says_how_to_install(teacher, tokenizer):
+def test_lm_eval_without_the_extra_says_how_to_install(teacher, tokenizer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` fails, as without the extra (CI has it)
     with pytest.raises(ImportError, match=r"linearard\[eval\]"):
         lm_eval_scores(teacher, tokenizer, ["hellaswag"])
