@@ -87,7 +87,8 @@ def build(name: str, lora_r: int, device: torch.device, dtype: str, folder: Path
     fields, rope = SHAPES[name]
     LlamaConfig(**fields, tie_word_embeddings=False, rms_norm_eps=1e-5).save_pretrained(folder)
     plan = resolve(RunConfig.from_dict({
-        "model": {"teacher": str(folder), "tokenizer": str(bundled_model_path()), "rope": rope, "dtype": dtype,
+        "model": {"teacher": str(folder), "student": None, "tokenizer": str(bundled_model_path()), "rope": rope,
+                  "dtype": dtype,
                   "trainable": "lora", "gradient_checkpointing": True},
         "lora": {"r": lora_r, "alpha": 2.0 * lora_r},  # the published recipe: r=1024, alpha=2048
         "optim": {"warmup_steps": 0},

@@ -10,7 +10,8 @@ Each row is one restore through the library's own path, in one process: ``plan.r
 config with the row's overrides, ``build_teacher_student``, ``Trainer.fit`` on blocks of the job's data
 (``linearard.data.block_batches``: the bundled corpus without its held-out documents, no passkey documents), then
 the job's evaluation (``evaluate_restore``: teacher / extended / restored on the held-out documents). Rows differ
-only in their overrides; every row of a scenario reads the same number of tokens.
+only in their overrides; every row of a scenario reads the same number of tokens. A row whose name gives no
+learning rate runs at 3e-3 (the rate ARD was tuned at on this model, docs/tiny-model.md).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ SCENARIOS = {
     "pi": ["--model.student", "null", "--model.rope", "linear:4"],
 }
 RELATIONS_OFF = ["--loss.q", "0", "--loss.k", "0", "--loss.v", "0"]
+EVERY_LINEAR = "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]"
 ATTENTION_KD = ["--train.method", "ard", "--loss.q", "0", "--loss.k", "0", "--loss.qk", "1", "--loss.logits_kd", "1"]
 # name -> overrides of the restore job's defaults (run on every scenario)
 ROWS = {
@@ -53,10 +55,14 @@ ROWS = {
     "Q/K + V/V, full q/k/v": ["--train.method", "ard", "--loss.q", "0", "--loss.k", "0", "--loss.qk", "1",
                               "--model.trainable", "qkv"],
     "ard + Q/K + logits KD": ["--train.method", "ard", "--loss.qk", "1", "--loss.logits_kd", "1"],
-    "logits KD": ["--train.method", "logits_kd"],
+    "logits KD": ["--train.method", "logits_kd", "--optim.lr", "3e-3"],
     "logits KD, lr 3e-4": ["--train.method", "logits_kd", "--optim.lr", "3e-4"],
     "logits KD, lr 1e-3": ["--train.method", "logits_kd", "--optim.lr", "1e-3"],
     "logits KD, lr 1e-4": ["--train.method", "logits_kd", "--optim.lr", "1e-4"],
+    "logits KD, lr 1e-4, LoRA on every linear": ["--train.method", "logits_kd", "--optim.lr", "1e-4",
+                                                 "--lora.target_modules", EVERY_LINEAR],
+    "logits KD, lr 3e-4, LoRA on every linear": ["--train.method", "logits_kd", "--optim.lr", "3e-4",
+                                                 "--lora.target_modules", EVERY_LINEAR],
     "ard + logits KD, lr 3e-4": ["--train.method", "ard", "--loss.logits_kd", "1", "--optim.lr", "3e-4"],
     "Q/K + logits KD, lr 3e-4": [*ATTENTION_KD, "--loss.v", "0", "--optim.lr", "3e-4"],
     "Q/K + V/V + logits KD, lr 3e-4": [*ATTENTION_KD, "--optim.lr", "3e-4"],
@@ -118,24 +124,28 @@ def run_row(task: tuple[str, str, list[str], str]) -> dict:
 
 
 def table(reports: list[dict]) -> str:
-    """One row per (scenario, recipe): the numbers that judge a restore, then the raw ones."""
+    """One row per (scenario, recipe): the numbers that judge a restore, then the raw ones; each scenario starts
+    with its extended model before restoring."""
     from linearard.report import judge
 
-    rows = []
-    for report in reports:
+    def cell(value, digits=3):
+        return "—" if value is None else f"{value:.{digits}f}"
+
+    def row(scenario: str, name: str, report: dict, model: str, tokens: str) -> list:
         n, longest = str(report["lengths"][0]), str(report["lengths"][-1])
-        verdict, models = judge(report), report["models"]
-        restored, extended = models["restored"], models["extended"]
+        verdict, result = judge(report, model=model), report["models"][model]
+        return [scenario, name, cell(verdict["ppl_n_over_teacher"]), cell(verdict["passkey_n"], 2),
+                cell(verdict["ppl_long_over_extended"]), cell(result.get("passkey", {}).get(longest), 2),
+                cell(result["ppl"][n], 2), cell(result["ppl"][longest], 2), tokens]
 
-        def cell(value, digits=3):
-            return "—" if value is None else f"{value:.{digits}f}"
-
-        rows.append([report["scenario"], report["row"], cell(verdict["ppl_n_over_teacher"]),
-                     cell(verdict["passkey_n"], 2), cell(verdict["ppl_long_over_extended"]),
-                     cell(restored.get("passkey", {}).get(longest), 2), cell(extended.get("passkey", {}).get(longest), 2),
-                     cell(restored["ppl"][n], 2), cell(restored["ppl"][longest], 2), f"{report['tokens']:,}"])
+    rows, seen = [], set()
+    for report in reports:
+        if report["scenario"] not in seen:
+            seen.add(report["scenario"])
+            rows.append(row(report["scenario"], "**extended, not restored**", report, "extended", "0"))
+        rows.append(row(report["scenario"], report["row"], report, "restored", f"{report['tokens']:,}"))
     return markdown_table(["scenario", "recipe", "PPL@n / teacher", "passkey@n", "PPL@4n / extended", "passkey@4n",
-                           "extended passkey@4n", "PPL@n", "PPL@4n", "tokens"], rows)
+                           "PPL@n", "PPL@4n", "tokens"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="overrides added to every row")
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/restore_study-<date>-<card>.json)")
+    parser.add_argument("--combine", nargs="+", metavar="JSON", help="merge result files (of one card and code) "
+                        "into --out and print one table")
     args = parser.parse_args(argv)
+    if args.combine:
+        parts = [json.loads(Path(p).read_text()) for p in args.combine]
+        reports = [report for part in parts for report in part["reports"]]
+        merged = {**{k: v for k, v in parts[0].items() if k not in ("reports", "argv")},
+                  "runs": [part["argv"] for part in parts], "reports": reports}
+        if args.out:
+            write_json(Path(args.out), merged)
+        print(table(sorted(reports, key=lambda r: (r["scenario"] != "extended", list(ROWS).index(r["row"])))))
+        return 0
     tasks = []
     for scenario in args.scenarios:
         for name, overrides in ROWS.items():

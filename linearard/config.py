@@ -30,9 +30,10 @@ DATA_MODES = ("per_document", "packed")
 BACKENDS = ("auto", "torch", "triton")
 # The restoring methods, each one flag (`train.method`); linearard.plan turns each into its stages and presets.
 METHODS = {
-    "ard": "LinearARD: relation KL of Q/Q, K/K, V/V against the teacher (the default)",
+    "logits_kd": "KL(teacher || student) of the next-token distributions at n, lr 1e-4 (the default: on the "
+                 "bundled models it keeps what the extended model can do; docs/baselines.md)",
+    "ard": "the paper's LinearARD: relation KL of Q/Q, K/K, V/V against the teacher, equal weights",
     "cpt": "continual pre-training: next-token loss on the student at 4n (batch / 4: same tokens per step)",
-    "logits_kd": "KL(teacher || student) of the next-token distributions at n",
     "hidden_cosine": "1 - cosine of every decoder layer's output against the teacher at n (LongReD-style)",
     "ard+cpt": "ARD, then a CPT stage for train.cpt_steps of the steps (the paper's pipeline)",
 }
@@ -98,7 +99,7 @@ class LossConfig:
 class OptimConfig:
     """AdamW, linear warmup then cosine to min_lr_ratio × lr, gradient-norm clipping."""
 
-    lr: float = 3e-3
+    lr: float | None = None  # None: the method's (linearard.plan: METHOD_LR)
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -124,7 +125,7 @@ class DataConfig:
 class TrainConfig:
     """The training loop (``linearard.train``)."""
 
-    method: str = "ard"  # ard | cpt | logits_kd | hidden_cosine | ard+cpt (see METHODS)
+    method: str = "logits_kd"  # logits_kd | ard | cpt | hidden_cosine | ard+cpt (see METHODS)
     cpt_steps: int | None = None  # ard+cpt: steps of the CPT stage (None = steps // 4), part of `steps`
     steps: int = 400  # optimizer steps
     batch_size: int = 4  # sequences per optimizer step (split into grad_accum micro-batches)
@@ -150,7 +151,8 @@ class EvalConfig:
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # 1 = at the end
     passkey_trials: int = 5  # pass keys per (length, depth) cell; 0 = no passkey test
     seed: int = 0
-    lm_eval_tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks (the `eval` extra)
+    lm_eval_tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks read at n (`eval` extra)
+    lm_eval_long_tasks: list[str] = field(default_factory=list)  # ... read at the longest length (e.g. RULER)
     lm_eval_limit: int | None = None
 
     @property
@@ -277,7 +279,8 @@ class RunConfig:
             if not (isinstance(value, int) or math.isfinite(value)) or value < low:
                 raise ConfigError(f"{key} must be a finite number >= {low} (got {value})")
         for key, value, low, high, closed in (
-                ("optim.lr", opt.lr, 0.0, math.inf, False), ("optim.eps", opt.eps, 0.0, math.inf, False),
+                ("optim.lr", 1.0 if opt.lr is None else opt.lr, 0.0, math.inf, False),
+                ("optim.eps", opt.eps, 0.0, math.inf, False),
                 ("optim.weight_decay", opt.weight_decay, 0.0, math.inf, True),
                 ("optim.max_grad_norm", opt.max_grad_norm, 0.0, math.inf, True),
                 ("optim.min_lr_ratio", opt.min_lr_ratio, 0.0, 1.0, True),

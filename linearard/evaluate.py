@@ -13,8 +13,8 @@ restored (after) from a plan and a checkpoint, then the merged restored model.
 from __future__ import annotations
 
 import functools
-import json
 import math
+import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -73,7 +73,9 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8
     model.eval()
     device = _device(model)
     total_nll, total_tokens = 0.0, 0
-    for start in tqdm(range(0, len(blocks), batch_size), desc=f"perplexity@{blocks.shape[1]}", leave=False):
+    # disable=None: a bar on a terminal, none in a log (a Ray task's output is forwarded line by line)
+    for start in tqdm(range(0, len(blocks), batch_size), desc=f"perplexity@{blocks.shape[1]}", leave=False,
+                      disable=None):
         ids = blocks[start:start + batch_size].to(device)
         logits = model(input_ids=ids).logits[:, :-1].float()
         total_nll += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
@@ -126,7 +128,7 @@ def passkey_accuracy(model: torch.nn.Module, tokenizer: Any, lengths: Sequence[i
     rng = random.Random(seed)
     grid: dict[int, dict[float, float]] = {}
     cells = [(length, depth) for length in lengths for depth in depths]
-    for length, depth in tqdm(cells, desc="passkey", leave=False):
+    for length, depth in tqdm(cells, desc="passkey", leave=False, disable=None):
         examples = [passkey_example(tokenizer, length, depth, rng.randint(10000, 99999)) for _ in range(trials)]
         answer_len = examples[0][1]
         ids = torch.stack([e[0] for e in examples])
@@ -194,7 +196,7 @@ def evaluate_models(models: Mapping[str, Any], tokenizer: Any, texts: Sequence[s
                            "passkey_by_depth": {length: {depth: accuracy}}, "lm_eval": {...}}}}
 
     ``passkey`` and ``passkey_by_depth`` are left out when ``passkey_trials`` is 0, ``lm_eval`` unless
-    ``lm_eval_tasks`` names tasks.
+    ``lm_eval_tasks`` (read at n) or ``lm_eval_long_tasks`` (read at the longest length) name tasks.
     """
     lengths = cfg.lengths
     docs = tokenize(texts, tokenizer)
@@ -208,9 +210,10 @@ def evaluate_models(models: Mapping[str, Any], tokenizer: Any, texts: Sequence[s
                                     cfg.batch_size)
             result["passkey"] = {str(n): sum(row.values()) / len(row) for n, row in grid.items()}
             result["passkey_by_depth"] = {str(n): {str(d): a for d, a in row.items()} for n, row in grid.items()}
-        if cfg.lm_eval_tasks:
-            result["lm_eval"] = lm_eval_scores(model, tokenizer, cfg.lm_eval_tasks, cfg.lm_eval_limit,
-                                               cfg.batch_size)
+        for tasks, window in ((cfg.lm_eval_tasks, lengths[0]), (cfg.lm_eval_long_tasks, lengths[-1])):
+            if tasks:  # short tasks read at the native length, long ones (RULER) at the longest
+                result.setdefault("lm_eval", {}).update(lm_eval_scores(model, tokenizer, tasks, cfg.lm_eval_limit,
+                                                                       cfg.batch_size, max_length=window))
         results[name] = result
     return {"native_ctx": cfg.ctx_len, "lengths": lengths, "models": results, "eval": asdict(cfg)}
 
@@ -218,19 +221,14 @@ def evaluate_models(models: Mapping[str, Any], tokenizer: Any, texts: Sequence[s
 def evaluate_restore(plan: Plan, checkpoint_dir: str | Path, texts: Sequence[str],
                      run: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The restore job's evaluation, on one device: teacher, extended (the student as built, before training)
-    and restored (the student with ``checkpoint_dir``'s trained weights) on ``texts``; then the report in
-    ``plan.output.report_dir`` (with ``run``, e.g. method, tokens, seconds, and ``restored_vs``: the ratios that
-    judge the restore, ``linearard.report.judge``) and the merged restored model in ``plan.output.model_dir``.
-    Returns the report."""
+    and restored (the student with ``checkpoint_dir``'s trained weights) on ``texts``; then the report
+    (``write_run_report``) and the merged restored model in ``plan.output.model_dir``. Returns the report."""
     from linearard.models import build_teacher_student, save_merged
-    from linearard.report import judge, write_report
     from linearard.train import load_trainable, seed_everything
 
-    if not texts:
-        raise ValueError("no held-out documents to evaluate on (data.eval_fraction selects none of the corpus)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _check_texts(texts)
     seed_everything(plan.config.train.seed)  # the LoRA init, as in training: the extended model is the same
-    teacher, student, tokenizer = build_teacher_student(plan.models, plan.config.lora, device)
+    teacher, student, tokenizer = build_teacher_student(plan.models, plan.config.lora, _eval_device())
 
     def restored() -> torch.nn.Module:
         load_trainable(student, checkpoint_dir)
@@ -238,8 +236,55 @@ def evaluate_restore(plan: Plan, checkpoint_dir: str | Path, texts: Sequence[str
 
     report = evaluate_models({"teacher": teacher, "extended": student, "restored": restored}, tokenizer, texts,
                              plan.eval)
-    report["restored_vs"] = judge(report)
-    report["run"] = dict(run or {})
-    write_report(report, plan.output.report_dir)
+    write_run_report(report, plan, run)
     save_merged(student, tokenizer, plan.output.model_dir)
     return report
+
+
+def evaluate_checkpoints(plan: Plan, texts: Sequence[str], restored: str | None = None) -> dict[str, Any]:
+    """Any models side by side, as they are on disk or on the hub: the plan's teacher, its extended model (the
+    student checkpoint with its own RoPE, or the teacher's weights with ``model.rope``) and, given, a restored
+    model (a merged checkpoint: its config carries its RoPE). One at a time on one device; the report as the
+    restore job writes it (``write_run_report``). Returns the report."""
+    from transformers import AutoModelForCausalLM
+
+    from linearard.models import load_config, load_tokenizer
+    from linearard.rope import with_rope
+
+    _check_texts(texts)
+    m, device = plan.models, _eval_device()
+
+    def load(path: str, config: Any = None) -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, revision=m.revision, dtype=m.dtype,
+                                                     trust_remote_code=m.trust_remote_code)
+        return model.to(device).eval()
+
+    models = {"teacher": lambda: load(m.teacher),
+              "extended": lambda: load(m.student, with_rope(load_config(m, m.student), m.student_rope,
+                                                            m.student_window))}
+    if restored is not None:
+        models["restored"] = lambda: load(restored)
+    report = evaluate_models(models, load_tokenizer(m), texts, plan.eval)
+    write_run_report(report, plan, {"restored": restored} if restored else None)
+    return report
+
+
+def write_run_report(report: dict[str, Any], plan: Plan, run: Mapping[str, Any] | None = None) -> None:
+    """Add what judges the restore (``restored_vs``, when there is a restored model) and the run's facts to the
+    report, and write it to ``plan.output.report_dir``."""
+    from linearard.report import judge, write_report
+
+    if "restored" in report["models"]:
+        report["restored_vs"] = judge(report)
+    report["run"] = {"teacher": plan.models.teacher, "student": plan.models.student, "rope": plan.models.rope,
+                     **(run or {})}
+    write_report(report, plan.output.report_dir)
+
+
+def _check_texts(texts: Sequence[str]) -> None:
+    if not texts:
+        raise ValueError("no held-out documents to evaluate on (data.eval_fraction selects none of the corpus)")
+
+
+def _eval_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -36,12 +36,12 @@ def build_teacher_student(models: ModelPlan, lora_cfg: LoraConfig,
     ``max_position_embeddings``, in train mode, with only the parameters of ``models.trainable`` trainable (a
     ``peft.PeftModel`` for "lora"). Seed first (``linearard.train.seed_everything``) for a reproducible LoRA init.
     """
-    teacher = _load(models, models.teacher, _config(models, models.teacher), device)
+    teacher = _load(models, models.teacher, load_config(models, models.teacher), device)
     teacher.requires_grad_(False)
     teacher.eval()
 
     # Loaded where from_pretrained puts it (CPU), so only what it does not share with the teacher moves to device.
-    config = with_rope(_config(models, models.student), models.student_rope, models.student_window)
+    config = with_rope(load_config(models, models.student), models.student_rope, models.student_window)
     student = _load(models, models.student, config, None)
     if models.trainable != "full":  # what trains keeps its own copy; what stays frozen is the teacher's if equal
         trained = set(lora_cfg.target_modules) if models.trainable == "qkv" else set()
@@ -65,7 +65,8 @@ def load_tokenizer(models: ModelPlan) -> Any:
                                          trust_remote_code=models.trust_remote_code)
 
 
-def _config(models: ModelPlan, path: str) -> PretrainedConfig:
+def load_config(models: ModelPlan, path: str) -> PretrainedConfig:
+    """The config of one of the plan's models (``models.teacher`` or ``models.student``)."""
     return AutoConfig.from_pretrained(path, revision=models.revision, trust_remote_code=models.trust_remote_code)
 
 

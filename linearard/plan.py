@@ -198,10 +198,12 @@ def _rope_label(rope_parameters: dict[str, Any], window: int, native: int) -> st
 
 
 # ------------------------------------------------------------------------------------------- stages
-_NO_RELATIONS = {"q": 0.0, "k": 0.0, "v": 0.0}
-# What each single-stage method sets: loss weights (filled where the user set none) ...
-_LOSS_DEFAULTS = {"cpt": {**_NO_RELATIONS, "lm": 1.0}, "logits_kd": {**_NO_RELATIONS, "logits_kd": 1.0},
-                  "hidden_cosine": {**_NO_RELATIONS, "hidden_cosine": 1.0}}
+_NONE = {key: 0.0 for key in LOSS_TERMS}
+# What each single-stage method sets where the user set nothing: its loss weights and learning rate. ard is the
+# paper's recipe (Q/Q, K/K, V/V, equal weights); the learning rates are the bundled model's (docs/baselines.md).
+METHOD_LOSS = {"ard": {**_NONE, "q": 1.0, "k": 1.0, "v": 1.0}, "cpt": {**_NONE, "lm": 1.0},
+               "logits_kd": {**_NONE, "logits_kd": 1.0}, "hidden_cosine": {**_NONE, "hidden_cosine": 1.0}}
+METHOD_LR = {"ard": 3e-3, "cpt": 3e-3, "logits_kd": 1e-4, "hidden_cosine": 3e-3}
 
 
 def _stages(cfg: RunConfig, models: ModelPlan) -> list[Stage]:
@@ -229,13 +231,15 @@ def _stages(cfg: RunConfig, models: ModelPlan) -> list[Stage]:
 
 def _preset(cfg: RunConfig, method: str, steps: int, forced: bool) -> RunConfig:
     """``cfg`` for one stage of ``method``. Its loss weights fill the keys the user did not set (all of them for
-    the CPT stage of ard+cpt, ``forced``); CPT always reads 4n-token blocks, 4 times fewer per step, so every
-    method sees the same tokens per step."""
+    the CPT stage of ard+cpt, ``forced``), its learning rate an unset ``optim.lr``; CPT always reads 4n-token
+    blocks, 4 times fewer per step, so every method sees the same tokens per step."""
     config = copy.deepcopy(cfg)
     config.train.method, config.train.steps, config.train.cpt_steps = method, steps, None
-    for key, value in _LOSS_DEFAULTS.get(method, {}).items():
+    for key, value in METHOD_LOSS[method].items():
         if forced or not cfg.user_set(f"loss.{key}"):
             setattr(config.loss, key, value)
+    if cfg.optim.lr is None:
+        config.optim.lr = METHOD_LR[method]
     if method == "cpt":
         config.data.ctx_len = 4 * cfg.data.ctx_len
         config.train.batch_size, config.train.grad_accum = max(1, cfg.train.batch_size // 4), 1

@@ -1,8 +1,9 @@
 """The ``linearard`` console script: ``restore`` (the main job, on Ray) and ``evaluate`` (one process).
 
-    linearard restore  [--config X.yaml] [--model M] [--rope SPEC] [--method M] [--output DIR]
-                       [--tracking-uri URI] [--address RAY] [--workers N] [--section.key value ...]
-    linearard evaluate [--config X.yaml] --checkpoint DIR [--output DIR] [--section.key value ...]
+    linearard restore  [--config X.yaml] [--teacher M] [--student M|none] [--rope SPEC] [--method M]
+                       [--output DIR] [--tracking-uri URI] [--address RAY] [--workers N] [--section.key value ...]
+    linearard evaluate [--config X.yaml] [--teacher M] [--student M|none] [--rope SPEC]
+                       [--restored M | --checkpoint DIR] [--output DIR] [--tracking-uri URI] [--section.key value ...]
 
 Both resolve the config into a plan first: a bad one prints one error line and exits 2 before anything starts
 or is written. A run that fails prints one line (the traceback is in Ray's and MLflow's logs) and exits 1.
@@ -17,15 +18,15 @@ from pathlib import Path
 
 from linearard.checkpoint import TRAINABLE
 from linearard.config import ConfigError, RunConfig
-from linearard.plan import Plan, resolve
+from linearard.plan import Plan, load_model_config, resolve
 
 COMMANDS = {
     "restore": "restore a long-context model with LinearARD on Ray (the main job)",
-    "evaluate": "evaluate teacher / extended / restored on held-out text and write the report",
+    "evaluate": "evaluate a teacher, its extended model and a restored one side by side; write the report",
 }
 # Shortcut flags -> config keys (every other `--section.key value` passes through as an override).
 SHORTCUTS = {
-    "model": ("model.teacher", "teacher: local path or hub id"),
+    "teacher": ("model.teacher", "the original model: local path or hub id"),
     "student": ("model.student", "the extended model to restore: local path or hub id; none: the teacher's "
                                  "weights extended by --rope"),
     "rope": ("model.rope", "the student's RoPE, e.g. linear:8, yarn:4"),
@@ -88,24 +89,40 @@ def restore(argv: list[str], prog: str = "linearard restore") -> int:
 
 def evaluate(argv: list[str], prog: str = "linearard evaluate") -> int:
     from linearard.data import heldout_texts
-    from linearard.evaluate import evaluate_restore
+    from linearard.evaluate import evaluate_checkpoints, evaluate_restore
     from linearard.report import report_markdown
 
     try:
-        plan, extra = parse_plan(argv, prog, extra=("checkpoint",))
-        checkpoint = extra["checkpoint"]
-        if not checkpoint or not (Path(checkpoint) / TRAINABLE).exists():
+        plan, extra = parse_plan(argv, prog, extra=("restored", "checkpoint"))
+        restored, checkpoint = extra["restored"], extra["checkpoint"]
+        if restored and checkpoint:
+            raise ConfigError("give --restored (a restored model) or --checkpoint (a training checkpoint), not both")
+        if checkpoint and not (Path(checkpoint) / TRAINABLE).exists():
             raise ConfigError(f"--checkpoint: no training checkpoint ({TRAINABLE}) in {checkpoint!r}")
+        if restored:
+            load_model_config(restored, plan.models.revision, plan.models.trust_remote_code, key="--restored")
     except ConfigError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    tracked = plan.config.user_set("tracking.uri")  # logged to MLflow only when a tracking URI is given
     try:
         data = plan.config.data
-        report = evaluate_restore(plan, checkpoint, heldout_texts(data.source, data.text_field, data.eval_fraction))
+        texts = heldout_texts(data.source, data.text_field, data.eval_fraction)
+        if checkpoint:
+            report = evaluate_restore(plan, checkpoint, texts)
+        else:
+            report = evaluate_checkpoints(plan, texts, restored)
+        if tracked:
+            from pipelines import tracking
+
+            run_id = tracking.open_run(plan)
+            tracking.log_evaluation(plan, run_id, report)
+            tracking.close_run(success=True)
     except Exception as err:  # noqa: BLE001 - one line for the user
         print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
         return 1
     print(report_markdown(report))
+    print(f"{prog}: report in {plan.output.report_dir}")
     return 0
 
 

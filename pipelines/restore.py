@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import ray
+import ray.data
 
 from linearard.data import heldout_texts
 from linearard.plan import Plan
@@ -34,6 +35,9 @@ def run(plan: Plan) -> dict[str, Any]:
     plan.output.root.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(plan.output.config_file)
     ray_runtime.start(cfg.ray)
+    # One bar in the console: the training steps' (rank 0's). Ray Data's per-operator bars of the streaming read
+    # would interleave with it for the whole run.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     run_id = tracking.open_run(plan) if cfg.tracking.enabled else None
     try:
         start, tokens, result = time.time(), 0, None

@@ -106,7 +106,8 @@ def register_model(plan: Plan, run_id: str, run: Mapping[str, Any]) -> Any:
 
     cfg = plan.config
     _use(cfg.tracking.uri)
-    tags = {"teacher": plan.models.teacher, "rope": plan.models.rope, "trainable": plan.models.trainable,
+    tags = {"teacher": plan.models.teacher, "student": plan.models.student, "rope": plan.models.rope,
+            "trainable": plan.models.trainable,
             "method": run["method"], "tokens_seen": run["tokens"], "steps": run["steps"], "run_id": run_id}
     tags = {k: str(v) for k, v in tags.items()}
     # MLflow's "log a checkpoint folder" path does not support transformers 5 (it reads the pipeline

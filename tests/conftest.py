@@ -62,6 +62,8 @@ def plan_for(model_path: Path, **sections):
 
     data = {name: dict(values) for name, values in sections.items()}
     data.setdefault("model", {}).setdefault("teacher", str(model_path))
+    data["model"].setdefault("student", None)  # the teacher's weights, extended by model.rope
+    data["model"].setdefault("rope", "linear:4")
     data.setdefault("data", {}).setdefault("ctx_len", 16)
     return resolve(RunConfig.from_dict(data))
 
@@ -77,6 +79,29 @@ def tiny_model(tmp_path_factory):
         return built[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_extended(tiny_model, tmp_path_factory):
+    """A long-context model made from the tiny llama, as users bring one: its config says RoPE linear ×4 (window
+    256), and continual pre-training changed some of its weights (layer 0's MLP and q_proj here); the rest is
+    still the teacher's. Returns the folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = tiny_model("llama")
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    model.config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    model.config.max_position_embeddings = 4 * TINY_WINDOW
+    torch.manual_seed(1)
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        for weight in (layer.mlp.up_proj.weight, layer.self_attn.q_proj.weight):
+            weight.add_(0.05 * torch.randn_like(weight))
+    out = tmp_path_factory.mktemp("tiny-llama-4x")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(out)
+    return out
 
 
 # ------------------------------------------------------------------ pipelines: a local Ray head and an MLflow server

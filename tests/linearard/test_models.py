@@ -83,3 +83,37 @@ def test_merged_checkpoint_reloads_as_student(tiny_model, tmp_path):
     with torch.no_grad():  # merging wrote into copies, not into the base weights the student shared with the teacher
         torch.testing.assert_close(teacher(input_ids=ids).logits, native, rtol=0, atol=0)
     assert AutoTokenizer.from_pretrained(out).eos_token == "<eos>"
+
+
+def test_student_from_its_own_checkpoint_shares_only_equal_weights(tiny_model, tiny_extended, tmp_path):
+    """The extended model is the student: its own weights (not the teacher's), its own RoPE; the frozen weights
+    equal to the teacher's are shared, the changed ones are not; merged, it reloads with plain from_pretrained as
+    the long-context model."""
+    plan = plan_for(tiny_model(), model={"student": str(tiny_extended), "rope": None})
+    torch.manual_seed(0)
+    teacher, student, tokenizer = build_teacher_student(plan.models, LoraConfig(r=2, alpha=4, dropout=0.0))
+    own = AutoModelForCausalLM.from_pretrained(tiny_extended)
+    teacher_storage = {p.data_ptr() for p in teacher.parameters()}
+    base = dict(student.get_base_model().named_parameters())
+    changed = {"model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.base_layer.weight"}
+    for name, param in base.items():
+        if "lora_" in name:
+            continue
+        reference = own.get_parameter(name.replace(".base_layer", ""))
+        torch.testing.assert_close(param, reference, rtol=0, atol=0)  # the student is the extended checkpoint
+        assert (param.data_ptr() in teacher_storage) == (name not in changed), name
+    assert student.config.rope_parameters["rope_type"] == "linear" and student.config.max_position_embeddings == 256
+    with torch.no_grad():  # make the adapters non-trivial, as after training
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    student.eval()
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        expected = student(input_ids=ids).logits
+    out = save_merged(student, tokenizer, tmp_path / "restored")
+    restored = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert restored.config.rope_parameters == own.config.rope_parameters
+    assert restored.config.max_position_embeddings == 256
+    with torch.no_grad():
+        torch.testing.assert_close(restored(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)

@@ -22,7 +22,8 @@ def _plan(path, out, lora_dropout=0.1, gradient_checkpointing=False, warmup_step
     return plan_for(path, model={"rope": "linear:4", "gradient_checkpointing": gradient_checkpointing},
                     lora={"r": 4, "alpha": 8, "dropout": lora_dropout},  # dropout: resume must restore the RNG too
                     optim={"lr": 1e-2, "warmup_steps": warmup_steps, "min_lr_ratio": 0.1},
-                    train={"steps": 6, "batch_size": 4, "progress_bar": False, "output_dir": str(out), **train})
+                    train={"method": "ard", "steps": 6, "batch_size": 4, "progress_bar": False, "output_dir": str(out),
+                           **train})
 
 
 def _setup(plan):

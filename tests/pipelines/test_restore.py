@@ -22,9 +22,11 @@ BIN = Path(sys.executable).parent
 STEPS = 4
 
 
-def restore_args(model: Path, corpus: Path, output: Path, uri: str, name: str) -> list[str]:
-    """A tiny restore: 2 workers, ctx 32, 4 steps of 2 blocks (2 micro-batches), checkpoints every 2 steps."""
-    return ["--model", str(model), "--rope", "linear:4", "--output", str(output), "--tracking-uri", uri,
+def restore_args(model: Path, corpus: Path, output: Path, uri: str, name: str, student: Path | None = None) -> list[str]:
+    """A tiny restore: 2 workers, ctx 32, 4 steps of 2 blocks (2 micro-batches), checkpoints every 2 steps; the
+    student is ``student`` (an extended checkpoint, its own RoPE) or the teacher's weights with RoPE linear ×4."""
+    extended = ["--student", str(student)] if student else ["--student", "none", "--rope", "linear:4"]
+    return ["--teacher", str(model), *extended, "--output", str(output), "--tracking-uri", uri,
             "--workers", "2", "--data.source", str(corpus), "--data.ctx_len", "32", "--data.mode", "packed",
             "--train.steps", str(STEPS), "--train.batch_size", "2", "--train.grad_accum", "2",
             "--train.checkpoint_every", "2", "--optim.warmup_steps", "1", "--optim.lr", "1e-3",
@@ -88,12 +90,14 @@ def test_restore_resumes_after_a_worker_failure(ray_cluster, mlflow_server, tiny
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
 
 
-def test_ard_then_cpt_runs_two_stages_on_one_step_axis(ray_cluster, mlflow_server, tiny_model, word_corpus,
-                                                      tmp_path):
+def test_ard_then_cpt_restores_a_student_checkpoint_in_two_stages(ray_cluster, mlflow_server, tiny_model,
+                                                                  tiny_extended, word_corpus, tmp_path):
+    """The extended-model scenario: the student is its own checkpoint (RoPE in its config); two stages on one
+    step axis; the registered model is that long-context model restored."""
     from mlflow.tracking import MlflowClient
 
     name = "tiny-ard-cpt"
-    args = restore_args(tiny_model("llama"), word_corpus, tmp_path / "out", mlflow_server, name)
+    args = restore_args(tiny_model("llama"), word_corpus, tmp_path / "out", mlflow_server, name, tiny_extended)
     args += ["--workers", "1", "--train.method", "ard+cpt", "--train.cpt_steps", "1", "--train.batch_size", "4",
              "--train.grad_accum", "1", "--train.checkpoint_every", "0"]
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "restore", *args], cwd=REPO, capture_output=True,
@@ -109,6 +113,8 @@ def test_ard_then_cpt_runs_two_stages_on_one_step_axis(ray_cluster, mlflow_serve
     assert yaml.safe_load((cpt_checkpoint / "config.yaml").read_text())["loss"]["lm"] == 1.0
     assert torch.load(cpt_checkpoint / "trainer.pt", weights_only=True)["init_from"].endswith("step-00000003")
     tags = check_registered(mlflow_server, name, 4.0)
+    assert tags["student"] == str(tiny_extended) and tags["rope"].startswith("linear:4")
+    assert set(report["models"]) == {"teacher", "extended", "restored"} and report["run"]["student"] == str(tiny_extended)
     client = MlflowClient(mlflow_server)
     assert [int(m.step) for m in client.get_metric_history(tags["run_id"], "ard_q")] == [1, 2, 3]
     assert [int(m.step) for m in client.get_metric_history(tags["run_id"], "lm")] == [4]
@@ -121,7 +127,7 @@ def test_bad_input_fails_with_one_line(mlflow_server, tiny_model, word_corpus, t
     config = tmp_path / "run.yaml"
     config.write_text({"bad_key": "train:\n  stepz: 3\n", "bad_value": "loss:\n  q: -1\n"}.get(case, "{}\n"))
     if case == "missing_model":
-        args += ["--model", str(tmp_path / "no-such-model")]
+        args += ["--teacher", str(tmp_path / "no-such-model")]
     if case == "missing_data":
         args += ["--data.source", str(tmp_path / "no-such-corpus.jsonl")]
     proc = subprocess.run([str(BIN / "linearard"), "restore", "--config", str(config), *args], cwd=tmp_path,
@@ -160,7 +166,8 @@ def test_cluster_run_configs_follow_the_recipe(path):
 def test_method_flag_is_the_train_method_key(tiny_model, tmp_path):
     from pipelines.cli import parse_plan
 
-    plan, _ = parse_plan(["--model", str(tiny_model("llama")), "--data.ctx_len", "32", "--method", "cpt",
+    plan, _ = parse_plan(["--teacher", str(tiny_model("llama")), "--student", "none", "--data.ctx_len", "32",
+                          "--rope", "linear:4", "--method", "cpt",
                           "--output", str(tmp_path / "out")])
     (stage,) = plan.stages
     assert stage.method == "cpt" and stage.config.loss.lm == 1.0 and stage.config.data.ctx_len == 128
