@@ -204,6 +204,10 @@ _NONE = {key: 0.0 for key in LOSS_TERMS}
 METHOD_LOSS = {"ard": {**_NONE, "q": 1.0, "k": 1.0, "v": 1.0}, "cpt": {**_NONE, "lm": 1.0},
                "logits_kd": {**_NONE, "logits_kd": 1.0}, "hidden_cosine": {**_NONE, "hidden_cosine": 1.0}}
 METHOD_LR = {"ard": 3e-3, "cpt": 3e-3, "logits_kd": 1e-4, "hidden_cosine": 3e-3}
+# Logits KD restores an extended checkpoint gently (lr 1e-4 keeps what its CPT taught it: retrieval at n and 4n;
+# 1e-3 and up forget it). A RoPE-only extension of the teacher's weights has nothing to keep and much to
+# recover: at 1e-4 it stays at 1.68 x the teacher's PPL@n, at 3e-3 it gets to 1.06 x (docs/baselines.md).
+ROPE_ONLY_LR = {"logits_kd": 3e-3}
 
 
 def _stages(cfg: RunConfig, models: ModelPlan) -> list[Stage]:
@@ -217,7 +221,7 @@ def _stages(cfg: RunConfig, models: ModelPlan) -> list[Stage]:
     name = f"train-{Path(tr.output_dir).name}"
     stages, first = [], 0
     for method, steps, forced in parts:
-        config = _preset(cfg, method, steps, forced)
+        config = _preset(cfg, method, steps, forced, rope_only=models.same_weights)
         if config.data.ctx_len > models.native_window and config.loss.reads_teacher:
             raise ConfigError(f"data.ctx_len {config.data.ctx_len} is longer than the teacher's native window "
                               f"{models.native_window} (ARD trains on short text the teacher reads natively)")
@@ -229,7 +233,7 @@ def _stages(cfg: RunConfig, models: ModelPlan) -> list[Stage]:
     return stages
 
 
-def _preset(cfg: RunConfig, method: str, steps: int, forced: bool) -> RunConfig:
+def _preset(cfg: RunConfig, method: str, steps: int, forced: bool, rope_only: bool) -> RunConfig:
     """``cfg`` for one stage of ``method``. Its loss weights fill the keys the user did not set (all of them for
     the CPT stage of ard+cpt, ``forced``), its learning rate an unset ``optim.lr``; CPT always reads 4n-token
     blocks, 4 times fewer per step, so every method sees the same tokens per step."""
@@ -239,7 +243,7 @@ def _preset(cfg: RunConfig, method: str, steps: int, forced: bool) -> RunConfig:
         if forced or not cfg.user_set(f"loss.{key}"):
             setattr(config.loss, key, value)
     if cfg.optim.lr is None:
-        config.optim.lr = METHOD_LR[method]
+        config.optim.lr = (ROPE_ONLY_LR if rope_only else METHOD_LR).get(method, METHOD_LR[method])
     if method == "cpt":
         config.data.ctx_len = 4 * cfg.data.ctx_len
         config.train.batch_size, config.train.grad_accum = max(1, cfg.train.batch_size // 4), 1

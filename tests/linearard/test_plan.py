@@ -37,8 +37,8 @@ def test_bad_plans_one_line(tiny_model, overrides, words):
 
 
 def test_methods_are_presets_at_equal_tokens(tiny_model):
-    (default,) = _plan(tiny_model, []).stages  # the default: logits KD at the gentle lr the study chose
-    assert default.method == "logits_kd" and default.config.optim.lr == 1e-4 and default.config.loss.q == 0.0
+    (default,) = _plan(tiny_model, []).stages  # the default: logits KD, at 3e-3 for a RoPE-only extension
+    assert default.method == "logits_kd" and default.config.optim.lr == 3e-3 and default.config.loss.q == 0.0
     base = ["--train.batch_size", "8"]
     ard = _plan(tiny_model, base + ["--train.method", "ard"]).stages
     assert ard[0].config.optim.lr == 3e-3 and (ard[0].config.loss.qk, ard[0].config.loss.logits_kd) == (0.0, 0.0)
@@ -97,6 +97,7 @@ def _student_plan(teacher, student, *overrides):
 
 def test_a_student_checkpoint_brings_its_own_rope(tiny_model, tiny_extended):
     plan = _student_plan(tiny_model(), tiny_extended)
+    assert plan.stages[0].config.optim.lr == 1e-4  # an extended checkpoint is restored gently
     assert plan.models.student == str(tiny_extended) and not plan.models.same_weights
     assert plan.models.student_rope == {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
     assert plan.models.student_window == 256 and plan.models.native_window == 64
