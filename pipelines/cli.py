@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from linearard.checkpoint import TRAINABLE
@@ -44,9 +45,10 @@ def error_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def parse_plan(argv: list[str], prog: str = "linearard restore", extra: tuple[str, ...] = ()) -> tuple[Plan, dict]:
+def parse_plan(argv: list[str], prog: str = "linearard restore", extra: tuple[str, ...] = (),
+               check_extra: Callable[[dict], None] | None = None) -> tuple[Plan, dict]:
     """Command line -> resolved ``Plan`` (raises ``ConfigError``; argparse exits 2 on unknown usage), plus the
-    values of the ``extra`` flags."""
+    values of the ``extra`` flags, which ``check_extra`` sees first (flag conflicts before any model is read)."""
     parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description="Every other --section.key "
                                      "value overrides the config (defaults: the embedded tiny model and corpus).")
     parser.add_argument("--config", help="run config YAML")
@@ -59,8 +61,10 @@ def parse_plan(argv: list[str], prog: str = "linearard restore", extra: tuple[st
         value = getattr(args, name)
         if value is not None:
             overrides += [f"--{key}", "null" if name == "student" and value.lower() == "none" else value]
-    plan = resolve(RunConfig.from_yaml(args.config, overrides))
-    return plan, {name: getattr(args, name) for name in extra}
+    extras = {name: getattr(args, name) for name in extra}
+    if check_extra is not None:
+        check_extra(extras)
+    return resolve(RunConfig.from_yaml(args.config, overrides)), extras
 
 
 def restore(argv: list[str], prog: str = "linearard restore") -> int:
@@ -92,13 +96,15 @@ def evaluate(argv: list[str], prog: str = "linearard evaluate") -> int:
     from linearard.evaluate import evaluate_checkpoints, evaluate_restore
     from linearard.report import report_markdown
 
-    try:
-        plan, extra = parse_plan(argv, prog, extra=("restored", "checkpoint"))
-        restored, checkpoint = extra["restored"], extra["checkpoint"]
-        if restored and checkpoint:
+    def check_flags(extra: dict) -> None:
+        if extra["restored"] and extra["checkpoint"]:
             raise ConfigError("give --restored (a restored model) or --checkpoint (a training checkpoint), not both")
-        if checkpoint and not (Path(checkpoint) / TRAINABLE).exists():
-            raise ConfigError(f"--checkpoint: no training checkpoint ({TRAINABLE}) in {checkpoint!r}")
+        if extra["checkpoint"] and not (Path(extra["checkpoint"]) / TRAINABLE).exists():
+            raise ConfigError(f"--checkpoint: no training checkpoint ({TRAINABLE}) in {extra['checkpoint']!r}")
+
+    try:
+        plan, extra = parse_plan(argv, prog, extra=("restored", "checkpoint"), check_extra=check_flags)
+        restored, checkpoint = extra["restored"], extra["checkpoint"]
         if restored:
             load_model_config(restored, plan.models.revision, plan.models.trust_remote_code, key="--restored")
     except ConfigError as err:

@@ -85,7 +85,6 @@ class StepLogger:
 def log_evaluation(plan: Plan, run_id: str, report: Mapping[str, Any]) -> None:
     """Log the report folder and its numbers to the run: ``eval/<model>/ppl_<length>``,
     ``eval/<model>/passkey_<length>`` and ``eval/restored_vs/<ratio>`` (``linearard.report.judge``)."""
-    _use(plan.config.tracking.uri)
     metrics = {}
     for name, result in report["models"].items():
         for metric in ("ppl", "passkey"):
@@ -93,9 +92,11 @@ def log_evaluation(plan: Plan, run_id: str, report: Mapping[str, Any]) -> None:
                 metrics[f"eval/{name}/{metric}_{length}"] = value
     if "restored" in report["models"]:
         metrics.update({f"eval/restored_vs/{k}": v for k, v in judge(report).items() if v is not None})
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_artifacts(str(plan.output.report_dir), artifact_path="report")
-        mlflow.log_metrics(metrics)
+    # By id through the client: the run may be the active run of this very process (``linearard evaluate``).
+    client = MlflowClient(plan.config.tracking.uri)
+    client.log_artifacts(run_id, str(plan.output.report_dir), artifact_path="report")
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
 
 def register_model(plan: Plan, run_id: str, run: Mapping[str, Any]) -> Any:
