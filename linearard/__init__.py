@@ -3,6 +3,7 @@
 Public API (imported lazily, so ``import linearard.kernels`` stays light)::
 
     cfg = RunConfig.from_yaml("run.yaml", ["--train.steps", "20"])         # validated, ConfigError on bad input
+    family = resolve_family(teacher_config, cfg.model.trainable, cfg.lora.target_modules)  # or ConfigError
     seed_everything(cfg.train.seed)
     teacher, student, tokenizer = build_teacher_student(cfg.model, cfg.lora, device)
     trainer = Trainer(cfg, teacher, student, callback=lambda step, metrics: ...)
@@ -23,6 +24,7 @@ _EXPORTS = {
     "ConfigError": "linearard.config",
     "parse_rope_spec": "linearard.rope",
     "scaled_config": "linearard.rope",
+    "resolve_family": "linearard.families",
     "build_teacher_student": "linearard.models",
     "save_merged": "linearard.models",
     "DistillationLoss": "linearard.losses",

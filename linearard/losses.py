@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from linearard.capture import attention_inputs, in_recompute, set_tap
+from linearard.capture import attention_inputs, attention_modules, in_recompute, set_tap
 from linearard.config import LossConfig
 from linearard.kernels import relation_kl
 
@@ -71,10 +71,18 @@ class DistillationLoss:
 
     # ----------------------------------------------------------------------------------------- taps
     def attach(self, teacher: nn.Module, student: nn.Module) -> None:
-        """Install the Q/K/V taps on both models (they must use the "linearard" attention)."""
+        """Install the Q/K/V taps on both models (they must use the "linearard" attention).
+
+        Every distilled layer must have softmax attention (the plan leaves a hybrid model's other layers out);
+        one that has none is a ``ValueError``.
+        """
         if self.relation_weights:
             set_tap(teacher, self._teacher_tap)
             set_tap(student, self._student_tap)
+            attention = sorted(m.layer_idx for m in attention_modules(student))
+            if not set(self.layers) <= set(attention):
+                raise ValueError(f"loss.layers {sorted(set(self.layers) - set(attention))} have no softmax "
+                                 f"attention to distil (attention layers: {attention})")
 
     def _teacher_tap(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> None:
         if self._phase == "teacher" and layer in self.layers:
@@ -129,10 +137,10 @@ class DistillationLoss:
         if self.relation_weights or cfg.logits_kd > 0 or want_hidden:
             self._phase = "teacher"
             with torch.no_grad():
-                teacher_out = teacher(**model_inputs, use_cache=False, output_hidden_states=want_hidden,
+                teacher_out = teacher(**model_inputs, output_hidden_states=want_hidden,
                                       logits_to_keep=kd_keep)
         self._phase = "student"
-        student_out = student(**model_inputs, use_cache=False, output_hidden_states=want_hidden,
+        student_out = student(**model_inputs, output_hidden_states=want_hidden,
                               logits_to_keep=student_keep)
 
         # The relation losses reach backward through the attention outputs (see module docstring); anchor the

@@ -20,7 +20,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from linearard.capture import ATTN_IMPLEMENTATION, attention_modules
-from linearard.config import LoraConfig
+from linearard.config import ConfigError, LoraConfig
+from linearard.families import RELATIONS, Family, resolve_family
 from linearard.plan import ModelPlan
 from linearard.rope import with_rope
 
@@ -34,8 +35,10 @@ def build_teacher_student(models: ModelPlan, lora_cfg: LoraConfig,
     The teacher is frozen in eval mode with its native RoPE. The student is the extended model (``models.student``:
     its own checkpoint, or the teacher's weights) with the plan's ``rope_parameters`` and
     ``max_position_embeddings``, in train mode, with only the parameters of ``models.trainable`` trainable (a
-    ``peft.PeftModel`` for "lora"). Seed first (``linearard.train.seed_everything``) for a reproducible LoRA init.
+    ``peft.PeftModel`` for "lora"), on the family's targets (``models.family``, resolved by the plan). Seed first
+    (``linearard.train.seed_everything``) for a reproducible LoRA init.
     """
+    family = models.family
     teacher = _load(models, models.teacher, load_config(models, models.teacher), device)
     teacher.requires_grad_(False)
     teacher.eval()
@@ -44,7 +47,7 @@ def build_teacher_student(models: ModelPlan, lora_cfg: LoraConfig,
     config = with_rope(load_config(models, models.student), models.student_rope, models.student_window)
     student = _load(models, models.student, config, None)
     if models.trainable != "full":  # what trains keeps its own copy; what stays frozen is the teacher's if equal
-        trained = set(lora_cfg.target_modules) if models.trainable == "qkv" else set()
+        trained = set(family.lora_targets) if models.trainable == "qkv" else set()
         share_frozen_weights(teacher, student, lambda module: module in trained, check_equal=not models.same_weights)
     if device is not None:
         student.to(device)
@@ -55,7 +58,7 @@ def build_teacher_student(models: ModelPlan, lora_cfg: LoraConfig,
             enable({"use_reentrant": False})
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    student = make_trainable(student, models.trainable, lora_cfg)
+    student = make_trainable(student, models.trainable, lora_cfg, family)
     student.train()
     return teacher, student, load_tokenizer(models)
 
@@ -117,29 +120,56 @@ def compile_layers(model: nn.Module) -> None:
                 child.compile()
 
 
-def make_trainable(model: nn.Module, trainable: str, lora_cfg: LoraConfig) -> nn.Module:
-    """Mark what trains: "lora" (returns a PEFT model), "qkv" (the target projections' own weights) or "full"."""
+def make_trainable(model: nn.Module, trainable: str, lora_cfg: LoraConfig, family: Family | None = None) -> nn.Module:
+    """Mark what trains: "lora" (returns a PEFT model), "qkv" (the target projections' own weights) or "full".
+
+    The targets are the modules named ``family.lora_targets`` (``resolve_family`` of the model's config when not
+    given), inside ``family.text_module`` for a multimodal model; each name must match (PEFT itself only needs
+    one to). Then ``check_trainable``.
+    """
+    family = family or resolve_family(model.config, trainable, lora_cfg.target_modules)
+    inside = f".{family.text_module}." if family.text_module else "."  # a multimodal model: its text model only
+    names = [name for name, _ in model.named_modules()
+             if name.rpartition(".")[2] in family.lora_targets and inside in f".{name}."]
+    unmatched = [t for t in family.lora_targets if not any(n.rpartition(".")[2] == t for n in names)]
+    if unmatched and trainable in ("lora", "qkv"):
+        raise ConfigError(f"lora.target_modules {unmatched} match no module of {family.model_type!r} (its Q/K/V "
+                          f"come from {sorted({n for r in RELATIONS for n in family.feeders(r)})})")
     if trainable == "lora":
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
         peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                                  target_modules=list(lora_cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+                                  target_modules=names, bias="none", task_type="CAUSAL_LM")
         with warnings.catch_warnings():  # PEFT 0.21 reads transformers 5's deprecated is_gradient_checkpointing
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return get_peft_model(model, peft_cfg)
-    if trainable == "qkv":
+            model = get_peft_model(model, peft_cfg)
+    elif trainable == "qkv":
         model.requires_grad_(False)
-        targets = set(lora_cfg.target_modules)
-        hits = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets]
-        if not hits:
-            raise ValueError(f"no modules named {sorted(targets)} in {type(model).__name__}")
-        for module in hits:
-            module.requires_grad_(True)
-        return model
-    if trainable == "full":
+        for name in names:
+            model.get_submodule(name).requires_grad_(True)
+    elif trainable == "full":
         model.requires_grad_(True)
-        return model
-    raise ValueError(f"trainable must be one of lora, qkv, full (got {trainable!r})")
+    else:
+        raise ValueError(f"trainable must be one of lora, qkv, full (got {trainable!r})")
+    check_trainable(model, family)
+    return model
+
+
+def check_trainable(model: nn.Module, family: Family) -> None:
+    """``ConfigError`` (one line) unless the layers the tap sees are ``family.attention_layers`` and Q, K and V
+    of each have trainable weights behind them (in the modules ``family.feeders`` names)."""
+    modules = attention_modules(model)
+    tapped = tuple(sorted(m.layer_idx for m in modules))
+    if tapped != family.attention_layers:
+        raise ConfigError(f"{family.model_type!r}: the tap sees attention layers {list(tapped)}, its config says "
+                          f"{list(family.attention_layers)}")
+    for module in modules:
+        for relation in RELATIONS:
+            feeders = [getattr(module, name, None) for name in family.feeders(relation)]
+            if not any(p.requires_grad for m in feeders if m is not None for p in m.parameters()):
+                raise ConfigError(f"{family.model_type!r} layer {module.layer_idx}: no trainable weights behind "
+                                  f"{relation.upper()} (it comes from {list(family.feeders(relation))}; targets "
+                                  f"{list(family.lora_targets)})")
 
 
 def merged_model(student: nn.Module) -> nn.Module:

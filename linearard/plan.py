@@ -45,6 +45,7 @@ class ModelPlan:
     rope: str  # the student's RoPE in words: the spec the user gave, or the extended model's own
     student_rope: dict[str, Any]  # the student's rope_parameters
     student_window: int  # the student's max_position_embeddings
+    family: Any  # linearard.families.Family: the layers the tap sees, the LoRA targets, what is special
 
     @property
     def same_weights(self) -> bool:
@@ -117,14 +118,20 @@ def load_model_config(name_or_path: str, revision: str | None = None, trust_remo
         raise ConfigError(f"{key}: cannot load the config of {name_or_path!r} ({reason})") from None
 
 
-def resolve_layers(indices: list[int] | None, num_layers: int, key: str) -> list[int]:
-    """Layer indices (None = all, negative = from the end) as sorted non-negative indices."""
+def resolve_layers(indices: list[int] | None, num_layers: int, key: str,
+                   attention: tuple[int, ...] | None = None) -> list[int]:
+    """Layer indices (None = all, negative = from the end) as sorted non-negative indices; with ``attention``
+    (the layers with softmax attention), None means those, and any other index is refused."""
     if indices is None:
-        return list(range(num_layers))
+        return list(attention) if attention is not None else list(range(num_layers))
     for index in indices:
         if not -num_layers <= index < num_layers:
             raise ConfigError(f"{key}: layer index {index} is out of range for a teacher with {num_layers} layers")
-    return sorted({index % num_layers for index in indices})
+    resolved = sorted({index % num_layers for index in indices})
+    if attention is not None and not set(resolved) <= set(attention):
+        raise ConfigError(f"{key}: layers {sorted(set(resolved) - set(attention))} have no softmax attention to "
+                          f"distil (the teacher's attention layers: {list(attention)})")
+    return resolved
 
 
 def _check_source(source: str) -> None:
@@ -147,8 +154,12 @@ def _check_source(source: str) -> None:
 
 # ------------------------------------------------------------------------------------------- models
 def _model_plan(cfg: RunConfig) -> ModelPlan:
+    from linearard.families import resolve_family
+
     m = cfg.model
-    teacher = load_model_config(m.teacher, m.revision, m.trust_remote_code).get_text_config()
+    teacher_config = load_model_config(m.teacher, m.revision, m.trust_remote_code)
+    family = resolve_family(teacher_config, m.trainable, cfg.lora.target_modules, packed=cfg.data.mode == "packed")
+    teacher = teacher_config.get_text_config()
     student = teacher
     if m.student is not None:
         student = load_model_config(m.student, m.revision, m.trust_remote_code, key="model.student").get_text_config()
@@ -171,7 +182,7 @@ def _model_plan(cfg: RunConfig) -> ModelPlan:
         dtype=m.dtype, trust_remote_code=m.trust_remote_code, trainable=m.trainable,
         gradient_checkpointing=m.gradient_checkpointing, model_type=teacher.model_type,
         num_layers=int(teacher.num_hidden_layers), native_window=native_window(teacher), rope=label,
-        student_rope=rope_parameters, student_window=window)
+        student_rope=rope_parameters, student_window=window, family=family)
 
 
 # What an extended model shares with its base: the architecture and its shapes, and the vocabulary.
@@ -225,7 +236,8 @@ def _stages(cfg: RunConfig, models: ModelPlan) -> list[Stage]:
         if config.data.ctx_len > models.native_window and config.loss.reads_teacher:
             raise ConfigError(f"data.ctx_len {config.data.ctx_len} is longer than the teacher's native window "
                               f"{models.native_window} (ARD trains on short text the teacher reads natively)")
-        config.loss.layers = resolve_layers(config.loss.layers, models.num_layers, "loss.layers")
+        config.loss.layers = resolve_layers(config.loss.layers, models.num_layers, "loss.layers",
+                                            attention=models.family.attention_layers)
         config.loss.hidden_layers = resolve_layers(config.loss.hidden_layers, models.num_layers, "loss.hidden_layers")
         run_name = f"{name}-{method}" if len(parts) > 1 else name
         stages.append(Stage(method=method, config=config, run_name=run_name, first_step=first))

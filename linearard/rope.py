@@ -13,9 +13,21 @@ A spec names how the student's positions are scaled:
 ``native``             keep the teacher's RoPE (a control run: the ARD loss is then exactly 0)
 =====================  =====================================================================================
 
-``original_max_position_embeddings`` is the teacher's ``max_position_embeddings`` and ``rope_theta`` the
-teacher's; the student's ``max_position_embeddings`` becomes native × factor (except for ``dynamic``, whose
-scaling starts from ``max_position_embeddings`` and so must keep the native value).
+The spec extends the teacher's own RoPE (``student_rope``):
+
+- a teacher with plain RoPE (``default``): the spec's type with the teacher's ``rope_theta`` (and
+  ``partial_rotary_factor``); ``original_max_position_embeddings`` is the teacher's native window;
+- a teacher whose RoPE already scales (Llama-3.1's ``llama3``, gpt-oss's ``yarn``, ``linear``): a spec of the
+  same type multiplies the teacher's factor and keeps its other keys (bands, betas, theta, original window), so
+  the teacher's frequencies stay the base; ``attention_factor`` follows the new factor unless the spec sets it;
+- a LongRoPE teacher (Phi-3): ``longrope:<file.json>`` gives the student's factors, the original window stays;
+- any other pair has no single ``rope_parameters`` that composes the two, and is refused (``RopeSpecError``);
+- per-layer-type RoPE (Gemma3, OLMo3: a ``rope_parameters`` dict per layer type): each layer type's RoPE is
+  extended as above, except ``sliding_attention``, which keeps the teacher's (a sliding layer never sees
+  distances beyond its window, so there is nothing to extend).
+
+The student's ``max_position_embeddings`` is the teacher's × the spec's factor (except for ``dynamic``, whose
+scaling starts from ``max_position_embeddings`` and so must keep it, and LongRoPE, whose JSON sets it).
 """
 
 from __future__ import annotations
@@ -105,55 +117,120 @@ def parse_rope_spec(spec: str) -> dict[str, Any]:
     return params
 
 
-def student_rope(teacher_config: Any, parsed: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """The student's ``(rope_parameters, max_position_embeddings)`` for a teacher config and a parsed spec
-    (``parse_rope_spec`` output).
+# Layer types whose RoPE the student keeps: their attention never spans more than the window.
+_WINDOWED_LAYER_TYPES = {"sliding_attention"}
+# Scaled RoPE types a spec of the same type extends by multiplying the factor.
+_FACTOR_TYPES = ("linear", "yarn", "llama3")
+# Keys of a rope_parameters dict that the factor determines (transformers derives them when they are absent).
+_DERIVED_KEYS = ("attention_factor",)
 
-    The teacher's ``rope_theta`` (and ``partial_rotary_factor``) carry over; the native window is the
-    teacher's ``max_position_embeddings``.
-    """
-    native_params = dict(teacher_config.rope_parameters or {})
-    native = native_window(teacher_config)
-    if parsed["rope_type"] == NATIVE:
-        return native_params, native
-    params = {k: v for k, v in native_params.items() if k in ("rope_theta", "partial_rotary_factor")}
-    params.update(parsed)
-    rope_type = params["rope_type"]
-    if rope_type in ("yarn", "llama3", "longrope"):
-        params.setdefault("original_max_position_embeddings", native)
-    if rope_type == "llama3":
-        params.setdefault("low_freq_factor", 1.0)
-        params.setdefault("high_freq_factor", 4.0)
-    if rope_type == "longrope":
-        max_positions = params.pop("max_position_embeddings", None)
-        if "factor" not in params:
-            if max_positions is None:
-                raise RopeSpecError("the LongRoPE JSON needs factor or max_position_embeddings")
-            params["factor"] = max_positions / params["original_max_position_embeddings"]
-        if params["factor"] <= 1:
-            raise RopeSpecError(f"the LongRoPE factor must be > 1 (got {params['factor']})")
-        return params, int(max_positions or round(params["original_max_position_embeddings"] * params["factor"]))
-    if rope_type == "dynamic":
-        return params, native
-    return params, int(round(native * params["factor"]))
+
+def _nested_layer_types(config: Any) -> list[str]:
+    """The layer types a per-layer-type ``rope_parameters`` is keyed by ([] for one global dict)."""
+    return config.nested_rope_parameter_keys(config.rope_parameters or {})
 
 
 def native_window(config: Any) -> int:
-    """A model's native context: the window its RoPE was trained at."""
-    return int(config.max_position_embeddings)
+    """The teacher's native context: the ``original_max_position_embeddings`` of its RoPE when that RoPE
+    already scales, else its ``max_position_embeddings``. ``config`` may be a multimodal config (its text
+    config is read)."""
+    config = config.get_text_config()
+    rope = config.rope_parameters or {}
+    layer_types = _nested_layer_types(config)
+    originals = [params["original_max_position_embeddings"]
+                 for params in ([rope[t] for t in layer_types] if layer_types else [rope])
+                 if params and params.get("rope_type", "default") != "default"
+                 and params.get("original_max_position_embeddings")]
+    return int(min(originals)) if originals else int(config.max_position_embeddings)
 
 
-def scaled_config(teacher_config: Any, spec: str) -> Any:
-    """A deep copy of ``teacher_config`` whose ``rope_parameters`` and ``max_position_embeddings`` follow
-    ``spec``, checked by transformers' own RoPE validation (a scaled model in one call: evaluation, scripts)."""
-    rope_parameters, max_positions = student_rope(teacher_config, parse_rope_spec(spec))
-    return with_rope(teacher_config, rope_parameters, max_positions)
+def _extend(teacher: dict[str, Any], parsed: dict[str, Any], window: int) -> dict[str, Any]:
+    """One RoPE dict of the teacher extended by the parsed spec (see the module docstring)."""
+    teacher_type, spec_type = teacher.get("rope_type", "default"), parsed["rope_type"]
+    if teacher_type == "default":
+        params = {k: v for k, v in teacher.items() if k in ("rope_theta", "partial_rotary_factor")}
+        params.update(parsed)
+        if spec_type in ("yarn", "llama3", "longrope"):
+            params.setdefault("original_max_position_embeddings", window)
+        if spec_type == "llama3":
+            params.setdefault("low_freq_factor", 1.0)
+            params.setdefault("high_freq_factor", 4.0)
+        return params
+    if teacher_type == spec_type and spec_type in _FACTOR_TYPES:
+        params = {k: v for k, v in teacher.items() if k not in _DERIVED_KEYS}
+        params.update(parsed)
+        params["factor"] = float(teacher.get("factor", 1.0)) * parsed["factor"]
+        return params
+    if teacher_type == spec_type == "longrope":
+        params = {k: v for k, v in teacher.items() if k not in ("short_factor", "long_factor", "factor",
+                                                                  *_DERIVED_KEYS)}
+        params.update(parsed)
+        return params
+    if teacher_type == "longrope":
+        hint = "longrope:<file.json> with the student's factors"
+    elif teacher_type in _FACTOR_TYPES:
+        hint = f"{teacher_type}:<factor>, which multiplies the teacher's factor"
+    else:
+        hint = "native"
+    raise RopeSpecError(f"{spec_type} cannot extend the teacher's {teacher_type} RoPE (no single transformers "
+                        f"rope_parameters composes the two); use {hint}")
+
+
+def student_rope(teacher_config: Any, parsed: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The student's ``(rope_parameters, max_position_embeddings)`` for a teacher config and a parsed spec
+    (``parse_rope_spec``). A per-layer-type ``rope_parameters`` stays one dict per layer type.
+
+    Raises ``RopeSpecError`` (one line) when the spec cannot extend the teacher's RoPE.
+    """
+    config = teacher_config.get_text_config()
+    rope = copy.deepcopy(config.rope_parameters or {})
+    max_positions = int(config.max_position_embeddings)
+    spec_type = parsed["rope_type"]
+    if spec_type == NATIVE:
+        return rope, max_positions
+    window = native_window(config)
+    layer_types = _nested_layer_types(config)
+    if layer_types:
+        params = {t: (p if t in _WINDOWED_LAYER_TYPES or p is None else _extend(p, parsed, window))
+                  for t, p in rope.items()}
+        extended = [p for t, p in params.items() if p is not None and t not in _WINDOWED_LAYER_TYPES]
+    else:
+        params = _extend(rope, parsed, window)
+        extended = [params]
+    if spec_type == "dynamic":
+        return params, max_positions
+    if spec_type == "longrope":  # LongRoPE's factor is relative to its original window; the JSON may give either
+        positions = parsed.get("max_position_embeddings")
+        for p in extended:
+            p.pop("max_position_embeddings", None)
+            if "factor" not in p:
+                if positions is None:
+                    raise RopeSpecError("the LongRoPE JSON needs factor or max_position_embeddings")
+                p["factor"] = positions / p["original_max_position_embeddings"]
+            if p["factor"] <= 1:
+                raise RopeSpecError(f"the LongRoPE factor must be > 1 (got {p['factor']})")
+        first = extended[0]
+        return params, int(positions or round(first["original_max_position_embeddings"] * first["factor"]))
+    return params, int(round(max_positions * parsed["factor"]))
+
+
+def scaled_config(teacher_config: Any, parsed: dict[str, Any]) -> Any:
+    """A deep copy of ``teacher_config`` whose (text config's) RoPE follows the parsed spec (``parse_rope_spec``):
+    a scaled model in one call. ``RopeSpecError`` (one line) when the spec cannot extend the teacher's RoPE or
+    transformers rejects the result."""
+    return with_rope(teacher_config, *student_rope(teacher_config, parsed))
 
 
 def with_rope(config: Any, rope_parameters: dict[str, Any], max_positions: int) -> Any:
-    """A deep copy of ``config`` with these ``rope_parameters`` and ``max_position_embeddings``."""
+    """A deep copy of ``config`` whose (text config's) ``rope_parameters`` and ``max_position_embeddings`` are
+    these, checked by transformers (``RopeSpecError``, one line, when it rejects them)."""
     config = copy.deepcopy(config)
-    config.rope_parameters = copy.deepcopy(rope_parameters)
-    config.max_position_embeddings = max_positions
-    config.validate_rope()  # transformers' own check of the keys each rope type needs
+    text_config = config.get_text_config()
+    text_config.rope_parameters = copy.deepcopy(rope_parameters)
+    text_config.max_position_embeddings = max_positions
+    try:  # transformers' own check of the keys each rope type needs (and a family's own rules, e.g. Phi-3's)
+        text_config.validate_rope()
+    except (ValueError, TypeError, KeyError) as err:
+        raise RopeSpecError(f"transformers rejects the student's rope_parameters for {text_config.model_type!r}: "
+                            f"{str(err).strip().splitlines()[0]}") from None
     return config

@@ -74,6 +74,7 @@ def restore(argv: list[str], prog: str = "linearard restore") -> int:
     except ConfigError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    print(f"{prog}: {plan.models.family.describe()}", flush=True)  # what is distilled, what is skipped and why
     from pipelines.restore import run
 
     try:

@@ -40,7 +40,7 @@ from linearard.data import tokenize  # noqa: E402
 from linearard.config import EvalConfig  # noqa: E402
 from linearard.evaluate import evaluate_models, passkey_example  # noqa: E402
 from linearard.report import report_markdown, write_report  # noqa: E402
-from linearard.rope import scaled_config  # noqa: E402
+from linearard.rope import parse_rope_spec, scaled_config  # noqa: E402
 from linearard.tiny import ASSETS, bundled_corpus, bundled_model_path  # noqa: E402
 
 # encodings/ is mostly generated charmap tables: trivially predictable text that would flatter perplexity.
@@ -243,7 +243,7 @@ def evaluate_bundle(path: Path, device: torch.device, args: argparse.Namespace) 
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    config = scaled_config(AutoConfig.from_pretrained(path), "linear:4")
+    config = scaled_config(AutoConfig.from_pretrained(path), parse_rope_spec("linear:4"))
     scaled = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).to(device)
     cfg = EvalConfig(ctx_len=args.ctx_len, ppl_tokens=args.eval_tokens, passkey_trials=args.passkey_trials,
                      batch_size=8, seed=args.seed)

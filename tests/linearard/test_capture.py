@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from linearard.capture import attention_inputs, set_tap
-from linearard.rope import scaled_config
+from linearard.rope import parse_rope_spec, scaled_config
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 
@@ -23,7 +23,7 @@ def _load(path, config=None, attn="linearard"):
 @pytest.mark.parametrize("rope", ["native", "linear:4"])
 def test_captured_qkv_match_manual_rope(tiny_model, family, rope):
     path = tiny_model(family)
-    config = scaled_config(AutoConfig.from_pretrained(path), rope)
+    config = scaled_config(AutoConfig.from_pretrained(path), parse_rope_spec(rope))
     model = _load(path, config)
     captured, layer_inputs = {}, {}
     set_tap(model, lambda layer, q, k, v: captured.__setitem__(layer, (q, k, v)))

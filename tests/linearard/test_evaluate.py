@@ -16,7 +16,7 @@ from linearard.config import EvalConfig
 from linearard.evaluate import (evaluate_models, lm_eval_scores, passkey_accuracy, passkey_example, perplexity,
                                 text_blocks)
 from linearard.report import judge, write_report
-from linearard.rope import scaled_config
+from linearard.rope import parse_rope_spec, scaled_config
 from linearard.tiny import bundled_corpus, bundled_model_path
 
 N = 256  # the bundled model's native context
@@ -34,7 +34,7 @@ def teacher():
 
 @pytest.fixture(scope="module")
 def scaled():
-    config = scaled_config(AutoConfig.from_pretrained(bundled_model_path()), "linear:4")
+    config = scaled_config(AutoConfig.from_pretrained(bundled_model_path()), parse_rope_spec("linear:4"))
     return AutoModelForCausalLM.from_pretrained(bundled_model_path(), config=config, dtype=torch.float32).eval()
 
 

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from linearard.evaluate import LM_EVAL_TASKS, lm_eval_scores
-from linearard.rope import scaled_config
+from linearard.rope import parse_rope_spec, scaled_config
 from linearard.tiny import bundled_model_path
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (the `eval` extra)")
@@ -42,7 +42,7 @@ def teacher():
 
 @pytest.fixture(scope="module")
 def scaled():
-    config = scaled_config(AutoConfig.from_pretrained(bundled_model_path()), "linear:4")
+    config = scaled_config(AutoConfig.from_pretrained(bundled_model_path()), parse_rope_spec("linear:4"))
     return AutoModelForCausalLM.from_pretrained(bundled_model_path(), config=config, dtype=torch.float32).eval()
 
 

@@ -41,20 +41,20 @@ def test_student_configs_and_frequencies(tiny_model, tmp_path):
     teacher = AutoConfig.from_pretrained(path)
     native = teacher.max_position_embeddings
 
-    linear = scaled_config(teacher, "linear:4")
+    linear = scaled_config(teacher, parse_rope_spec("linear:4"))
     assert linear.rope_parameters == {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
     assert linear.max_position_embeddings == 4 * native
     assert teacher.rope_parameters["rope_type"] == "default"  # the teacher's config is untouched
 
-    yarn = scaled_config(teacher, "yarn:4,beta_fast=16").rope_parameters
+    yarn = scaled_config(teacher, parse_rope_spec("yarn:4,beta_fast=16")).rope_parameters
     assert yarn["original_max_position_embeddings"] == native and yarn["beta_fast"] == 16
-    llama3 = scaled_config(teacher, "llama3:8").rope_parameters
+    llama3 = scaled_config(teacher, parse_rope_spec("llama3:8")).rope_parameters
     assert (llama3["low_freq_factor"], llama3["high_freq_factor"]) == (1.0, 4.0)
-    dynamic = scaled_config(teacher, "dynamic:4")
+    dynamic = scaled_config(teacher, parse_rope_spec("dynamic:4"))
     assert dynamic.max_position_embeddings == native  # dynamic NTK scales beyond max_position_embeddings
     lr_file = tmp_path / "longrope.json"
     lr_file.write_text(json.dumps({"short_factor": [1.0] * 4, "long_factor": [3.0] * 4, "factor": 4.0}))
-    longrope = scaled_config(teacher, f"longrope:{lr_file}")
+    longrope = scaled_config(teacher, parse_rope_spec(f"longrope:{lr_file}"))
     assert longrope.rope_parameters["original_max_position_embeddings"] == native
 
     # transformers' own RoPE code computes the frequencies: PI divides them by the factor

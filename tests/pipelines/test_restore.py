@@ -70,6 +70,7 @@ def test_restore_resumes_after_a_worker_failure(ray_cluster, mlflow_server, tiny
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{STEPS} steps" in proc.stdout and f"registered {name} version 1" in proc.stdout
+    assert "linearard restore: llama: 2 of 2 layers distilled; targets q_proj, k_proj, v_proj" in proc.stdout
 
     tags = check_registered(mlflow_server, name, 4.0)
     assert tags["teacher"] == str(tiny_model("llama")) and tags["rope"] == "linear:4"
