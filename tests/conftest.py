@@ -10,6 +10,10 @@ import torch
 # so that without a GPU the Triton backend's numerics are checked on CPU tensors by the interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests never download: set before any test module imports huggingface_hub / datasets (via transformers or
+# lm-eval), which read these once, so a stray hub call fails at once instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from pathlib import Path
 
@@ -31,8 +35,7 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
     """Save a random tiny causal LM of ``family`` (GQA, 2 layers, window 64) with a word-level tokenizer."""
     import torch
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
     class_name, extra = TINY_FAMILIES[family]
     config = getattr(transformers, class_name)(
@@ -40,10 +43,19 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
         num_key_value_heads=2, head_dim=8, max_position_embeddings=TINY_WINDOW, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **extra)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # default init is tiny (std 0.02): widen it so attention maps are far from uniform
+    return save_random_model(AutoModelForCausalLM.from_config(config), out_dir)
+
+
+def save_random_model(model, out_dir: Path) -> Path:
+    """Save ``model`` with its weights widened (std 0.3) and a word-level tokenizer (words ``w2``..``w63``, ``<eos>``
+    = 1) beside it. The default init is tiny (std 0.02): widened, attention maps are far from uniform."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:
                 p.normal_(0, 0.3)
     model.save_pretrained(out_dir)
     vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, TINY_VOCAB)}}
@@ -52,6 +64,32 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>",
                             pad_token="<eos>").save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def train_steps(objective, teacher, student, batch, steps: int = 6, lr: float = 1e-2) -> list[float]:
+    """``steps`` AdamW steps of ``objective`` (attached) on one batch; the losses before each step."""
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss, _ = objective(teacher, student, batch)
+        loss.backward()
+        objective.release()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def perturb_lora(model) -> None:
+    """Make a fresh LoRA model's adapters non-trivial, as after training (``lora_B`` starts at zero)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
 
 
 def plan_for(model_path: Path, **sections):

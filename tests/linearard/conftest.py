@@ -1,11 +1,36 @@
-"""The family matrix's fixture: each supported family's tiny random model, built once per session."""
+"""Fixtures of tests/linearard: the bundled teacher, its tokenizer and its PI ×4 twin (evaluation, lm-eval), and the
+family matrix's tiny random models (built once per session)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from linearard.rope import parse_rope_spec, scaled_config
+from linearard.tiny import bundled_model_path
 from tests.linearard.tiny_families import build_family_model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The bundled models' byte-level tokenizer."""
+    return AutoTokenizer.from_pretrained(bundled_model_path())
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    """The bundled teacher, fp32, eval mode."""
+    return AutoModelForCausalLM.from_pretrained(bundled_model_path(), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def scaled():
+    """The bundled teacher's weights with RoPE ×4 (position interpolation, no training)."""
+    config = scaled_config(AutoConfig.from_pretrained(bundled_model_path()), parse_rope_spec("linear:4"))
+    return AutoModelForCausalLM.from_pretrained(bundled_model_path(), config=config, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")

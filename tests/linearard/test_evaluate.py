@@ -10,32 +10,14 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from linearard.config import EvalConfig
 from linearard.evaluate import (evaluate_models, lm_eval_scores, passkey_accuracy, passkey_example, perplexity,
                                 text_blocks)
 from linearard.report import judge, write_report
-from linearard.rope import parse_rope_spec, scaled_config
-from linearard.tiny import bundled_corpus, bundled_model_path
+from linearard.tiny import bundled_corpus
 
 N = 256  # the bundled model's native context
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(bundled_model_path())
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return AutoModelForCausalLM.from_pretrained(bundled_model_path(), dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def scaled():
-    config = scaled_config(AutoConfig.from_pretrained(bundled_model_path()), parse_rope_spec("linear:4"))
-    return AutoModelForCausalLM.from_pretrained(bundled_model_path(), config=config, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from linearard.kernels.reference import relation_kl_dense
 from linearard.losses import DistillationLoss
 from linearard.models import build_teacher_student, make_trainable, save_merged
 from linearard.plan import resolve, resolve_layers
-from tests.conftest import plan_for
+from tests.conftest import plan_for, train_steps
 from tests.linearard.tiny_families import student_rope
 
 FAMILIES = sorted([*SUPPORTED, *MULTIMODAL])
@@ -169,16 +169,7 @@ def test_steps_lower_the_loss_and_the_merged_model_reloads(family_model, model_t
     teacher, student, tokenizer = _pair(model_type, path)
     objective = _objective(student)
     objective.attach(teacher, student)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
-    batch = _padded_batch(seed=2)
-    losses = []
-    for _ in range(6):
-        loss, _ = objective(teacher, student, batch)
-        loss.backward()
-        objective.release()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(objective, teacher, student, _padded_batch(seed=2))
     assert math.isfinite(losses[0]) and losses[-1] < 0.9 * losses[0], losses
 
     set_tap(student, None)

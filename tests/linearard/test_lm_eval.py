@@ -5,20 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-
-# Set before lm-eval (and with it datasets / huggingface_hub) is imported, which read them once: a stray hub
-# call then fails at once instead of waiting on the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from linearard.evaluate import LM_EVAL_TASKS, lm_eval_scores
-from linearard.rope import parse_rope_spec, scaled_config
-from linearard.tiny import bundled_model_path
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (the `eval` extra)")
 
@@ -28,22 +19,6 @@ PASSKEY, CODE = "linearard_passkey_mc", "linearard_stdlib_code"
 
 def rows(name: str) -> list[dict]:
     return [json.loads(line) for line in (LM_EVAL_TASKS / f"{name}.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(bundled_model_path())
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return AutoModelForCausalLM.from_pretrained(bundled_model_path(), dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def scaled():
-    config = scaled_config(AutoConfig.from_pretrained(bundled_model_path()), parse_rope_spec("linear:4"))
-    return AutoModelForCausalLM.from_pretrained(bundled_model_path(), config=config, dtype=torch.float32).eval()
 
 
 @torch.no_grad()

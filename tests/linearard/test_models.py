@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from linearard.config import LoraConfig
 from linearard.models import build_teacher_student, save_merged
-from tests.conftest import plan_for
+from tests.conftest import perturb_lora, plan_for
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
@@ -61,10 +61,7 @@ def test_merged_checkpoint_reloads_as_student(tiny_model, tmp_path):
     torch.manual_seed(0)
     teacher, student, tokenizer = build_teacher_student(
         plan_for(tiny_model("qwen2"), model={"rope": "llama3:8"}).models, LoraConfig(r=2, alpha=4, dropout=0.0))
-    with torch.no_grad():  # make the adapters non-trivial, as after training
-        for name, p in student.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    perturb_lora(student)
     student.eval()
     ids = torch.randint(0, 64, (2, 10))
     with torch.no_grad():
@@ -103,10 +100,7 @@ def test_student_from_its_own_checkpoint_shares_only_equal_weights(tiny_model, t
         torch.testing.assert_close(param, reference, rtol=0, atol=0)  # the student is the extended checkpoint
         assert (param.data_ptr() in teacher_storage) == (name not in changed), name
     assert student.config.rope_parameters["rope_type"] == "linear" and student.config.max_position_embeddings == 256
-    with torch.no_grad():  # make the adapters non-trivial, as after training
-        for name, p in student.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    perturb_lora(student)
     student.eval()
     ids = torch.randint(0, 64, (2, 10))
     with torch.no_grad():

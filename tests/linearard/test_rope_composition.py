@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Ph
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from linearard.config import ConfigError, LoraConfig, LossConfig, RunConfig
+from linearard.config import ConfigError, LoraConfig, RunConfig
 from linearard.losses import DistillationLoss
 from linearard.models import build_teacher_student, save_merged
 from linearard.plan import resolve
 from linearard.rope import RopeSpecError, native_window, parse_rope_spec, scaled_config, student_rope
-from tests.conftest import plan_for
+from tests.conftest import plan_for, train_steps
 from tests.linearard.tiny_families import build_family_model
 
 _TINY = dict(hidden_size=64, num_attention_heads=1, head_dim=64, num_hidden_layers=2)
@@ -156,16 +156,8 @@ def test_a_scaled_teacher_extends_trains_and_reloads(tmp_path, model_type, rope,
     assert student.config.rope_parameters == {**rope, "factor": rope["factor"] * float(spec.split(":")[1])}
     objective = DistillationLoss(plan.stages[0].config.loss)
     objective.attach(teacher, student)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
     batch = {"input_ids": torch.randint(2, 64, (2, 16), generator=torch.Generator().manual_seed(0))}
-    losses = []
-    for _ in range(6):
-        loss, _ = objective(teacher, student, batch)
-        loss.backward()
-        objective.release()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(objective, teacher, student, batch)
     assert losses[-1] < 0.9 * losses[0], losses
     student.eval()
     with torch.no_grad():

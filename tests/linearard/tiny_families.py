@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-VOCAB = 64
+from tests.conftest import TINY_VOCAB, save_random_model
 WINDOW = 64  # native max_position_embeddings
 
-_BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+_BASE = dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, max_position_embeddings=WINDOW, tie_word_embeddings=False,
              rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, pad_token_id=1, bos_token_id=1,
              eos_token_id=1)
@@ -136,23 +136,11 @@ def tiny_config(model_type: str, **overrides):
 def build_family_model(model_type: str, out_dir: Path, seed: int = 0, **overrides) -> Path:
     """Save a random tiny causal LM of ``model_type`` (config ``overrides`` on top of its tiny one) with a
     word-level tokenizer (words ``w2``..``w63``)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from linearard.families import MULTIMODAL
 
     torch.manual_seed(seed)
     # a multimodal family as its checkpoints are: the whole image-text model
     auto = AutoModelForImageTextToText if model_type in MULTIMODAL else AutoModelForCausalLM
-    model = auto.from_config(tiny_config(model_type, **overrides))
-    with torch.no_grad():  # default init is tiny (std 0.02): widen it so attention maps are far from uniform
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.3)
-    model.save_pretrained(out_dir)
-    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>",
-                            pad_token="<eos>").save_pretrained(out_dir)
-    return Path(out_dir)
+    return save_random_model(auto.from_config(tiny_config(model_type, **overrides)), out_dir)
