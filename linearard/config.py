@@ -154,6 +154,7 @@ class EvalConfig:
     lm_eval_tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks read at n (`eval` extra)
     lm_eval_long_tasks: list[str] = field(default_factory=list)  # ... read at the longest length (e.g. RULER)
     lm_eval_limit: int | None = None
+    restored: str | None = None  # `linearard evaluate`: a restored (merged) model beside teacher and extended
 
     @property
     def lengths(self) -> list[int]:

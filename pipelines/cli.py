@@ -3,7 +3,7 @@
     linearard restore  [--config X.yaml] [--teacher M] [--student M|none] [--rope SPEC] [--method M]
                        [--output DIR] [--tracking-uri URI] [--address RAY] [--workers N] [--section.key value ...]
     linearard evaluate [--config X.yaml] [--teacher M] [--student M|none] [--rope SPEC]
-                       [--restored M | --checkpoint DIR] [--output DIR] [--tracking-uri URI] [--section.key value ...]
+                       [--restored M (eval.restored) | --checkpoint DIR] [--output DIR] [--tracking-uri URI] [--section.key value ...]
 
 Both resolve the config into a plan first: a bad one prints one error line and exits 2 before anything starts
 or is written. A run that fails prints one line (the traceback is in Ray's and MLflow's logs) and exits 1.
@@ -103,8 +103,10 @@ def evaluate(argv: list[str], prog: str = "linearard evaluate") -> int:
         if extra["checkpoint"] and not (Path(extra["checkpoint"]) / TRAINABLE).exists():
             raise ConfigError(f"--checkpoint: no training checkpoint ({TRAINABLE}) in {extra['checkpoint']!r}")
 
-    try:
+    try:  # the flags are checked before the config resolves (no model read), then again with eval.restored
         plan, extra = parse_plan(argv, prog, extra=("restored", "checkpoint"), check_extra=check_flags)
+        extra["restored"] = extra["restored"] or plan.config.eval.restored
+        check_flags(extra)
         restored, checkpoint = extra["restored"], extra["checkpoint"]
         if restored:
             load_model_config(restored, plan.models.revision, plan.models.trust_remote_code, key="--restored")

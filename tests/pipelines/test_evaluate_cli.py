@@ -40,10 +40,15 @@ def test_any_models_side_by_side(tiny_model, tiny_extended, word_corpus, mlflow_
 
 
 def test_bad_models_fail_in_one_line_before_anything_loads(tiny_model, tiny_extended, tmp_path):
+    checkpoint = tmp_path / "step-1"
+    checkpoint.mkdir()
+    (checkpoint / "trainable.safetensors").touch()
     for args, words in ((["--student", str(tiny_model("qwen2"))], "model.student: its model_type is 'qwen2'"),
                         (["--student", str(tiny_extended), "--restored", str(tmp_path / "nope")],
                          "--restored: no such model path"),
-                        (["--restored", str(tiny_extended), "--checkpoint", str(tmp_path)], "not both")):
+                        (["--restored", str(tiny_extended), "--checkpoint", str(tmp_path)], "not both"),
+                        (["--student", str(tiny_extended), "--eval.restored", str(tiny_extended),  # from a config
+                          "--checkpoint", str(checkpoint)], "not both")):
         proc = _evaluate("--teacher", str(tiny_model()), *args, "--output", str(tmp_path / "out"), cwd=tmp_path)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
