@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_tiny_model import Batches, pick_device, save  # noqa: E402
+from build_tiny_model import Batches, add_training_args, pick_device, save  # noqa: E402
 
 from linearard.checkpoint import LocalCheckpoints  # noqa: E402
 from linearard.config import EvalConfig, RunConfig  # noqa: E402
@@ -82,16 +82,8 @@ def build(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=32, help="rows of 4n tokens per step")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--passkey-fraction", type=float, default=0.5, help="share of rows that are passkey docs")
+    add_training_args(parser, steps=1000, batch_size=32, lr=1e-3, out=bundled_extended_model_path())  # rows of 4n
     parser.add_argument("--passkey-min", type=int, default=512, help="shortest passkey document (tokens)")
-    parser.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens scored at each length")
-    parser.add_argument("--passkey-trials", type=int, default=20, help="keys per (length, depth) cell")
-    parser.add_argument("--out", default=str(bundled_extended_model_path()))
     return build(parser.parse_args(argv))
 
 

@@ -250,6 +250,20 @@ def evaluate_bundle(path: Path, device: torch.device, args: argparse.Namespace) 
     return evaluate_models({"teacher": teacher, "scaled": scaled}, tokenizer, bundled_corpus("eval"), cfg)
 
 
+
+def add_training_args(parser: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float, out: Path) -> None:
+    """The flags both bundled-model builders take (this script's ``train`` and scripts/build_extended_model.py)."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--passkey-fraction", type=float, default=0.5, help="share of rows that are passkey docs")
+    parser.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens scored at each length")
+    parser.add_argument("--passkey-trials", type=int, default=20, help="keys per (length, depth) cell")
+    parser.add_argument("--out", default=str(out))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     stages = parser.add_subparsers(dest="stage", required=True)
@@ -259,16 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     corpus.add_argument("--train-bytes", type=int, default=8_000_000, help="cap on the train split's text")
     corpus.add_argument("--out", default=str(ASSETS / "corpus"))
     trainer = stages.add_parser("train", help="pretrain the tiny model on the committed corpus")
-    trainer.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    trainer.add_argument("--seed", type=int, default=0)
-    trainer.add_argument("--steps", type=int, default=2000)
-    trainer.add_argument("--batch-size", type=int, default=96)
+    add_training_args(trainer, steps=2000, batch_size=96, lr=2e-3, out=bundled_model_path())
     trainer.add_argument("--ctx-len", type=int, default=256, help="native context n")
-    trainer.add_argument("--lr", type=float, default=2e-3)
-    trainer.add_argument("--passkey-fraction", type=float, default=0.5, help="share of rows that are passkey docs")
-    trainer.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens scored at each length")
-    trainer.add_argument("--passkey-trials", type=int, default=20, help="keys per (length, depth) cell")
-    trainer.add_argument("--out", default=str(bundled_model_path()))
     trainer.add_argument("--report-dir", default=None, help="also write report.json/.md and the plots here")
     args = parser.parse_args(argv)
     build_corpus(args) if args.stage == "corpus" else train(args)
