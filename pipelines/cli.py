@@ -78,6 +78,9 @@ def restore(argv: list[str], prog: str = "linearard restore") -> int:
 
     try:
         summary = run(plan)
+    except ConfigError as err:  # the output folder refused the run: another config, or another job holds it
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
     except Exception as err:  # noqa: BLE001 - the traceback is in Ray's and MLflow's logs; the user gets one line
         print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
         return 1
