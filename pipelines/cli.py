@@ -6,7 +6,8 @@
                        [--restored M | --checkpoint DIR] [--output DIR] [--tracking-uri URI] [--section.key value ...]
 
 Both resolve the config into a plan first: a bad one prints one error line and exits 2 before anything starts
-or is written. A run that fails prints one line (the traceback is in Ray's and MLflow's logs) and exits 1.
+or is written; so does a restore whose output folder holds another run or is in use by another job. A run that
+fails prints one line, the root cause (the traceback is in Ray's and MLflow's logs), and exits 1.
 """
 
 from __future__ import annotations

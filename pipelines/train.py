@@ -89,7 +89,7 @@ def make_trainer(plan: Plan, stage: int, dataset: Any, *, init_from: str | None 
     hooks = {name: int(os.environ[env]) if os.environ.get(env) else None
              for name, env in (("fail_once_at_step", FAIL_ONCE_ENV), ("kill_driver_at_step", KILL_DRIVER_ENV))}
     loop_config = {"plan": plan, "stage": stage, "init_from": init_from, "run_id": run_id, **hooks,
-                   "driver_pid": os.getpid()}
+                   "driver_pid": os.getpid()}  # the driver-kill hook's target
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -122,13 +122,11 @@ def set_aside_damaged_record(plan: Plan, stage: int) -> None:
         return
     try:
         json.loads(record.read_bytes())
-        return
-    except ValueError:  # a JSON or UTF-8 decode error
-        pass
-    damaged = record.with_name(f"{SNAPSHOT_FILE}.damaged")
-    record.replace(damaged)
-    print(f"linearard: Ray Train's checkpoint record {record} is damaged (moved to {damaged.name}); resuming "
-          "from the newest complete checkpoint folder", file=sys.stderr, flush=True)
+    except ValueError:  # empty, cut short, or not UTF-8
+        damaged = record.with_name(f"{SNAPSHOT_FILE}.damaged")
+        record.replace(damaged)
+        print(f"linearard: Ray Train's checkpoint record {record} is damaged (moved to {damaged.name}); resuming "
+              "from the newest complete checkpoint folder", file=sys.stderr, flush=True)
 
 
 def _first_line(err: BaseException) -> str:
