@@ -133,8 +133,7 @@ def _finish(plan: Plan, checkpoint: Any, run_id: str | None, run_info: dict[str,
     if run_id is not None:
         tracking.log_evaluation(plan, run_id, report)  # logged even when not finite: it shows what went wrong
     tracking.check_evaluation(report)
-    if run_id is not None:
-        if plan.config.tracking.registered_model_name:
-            version = tracking.register_model(plan, run_id, run_info)
-            summary.update(registered_model=version.name, version=version.version)
+    if run_id is not None and plan.config.tracking.registered_model_name:
+        version = tracking.register_model(plan, run_id, run_info)
+        summary.update(registered_model=version.name, version=version.version)
     return summary
