@@ -89,7 +89,7 @@ def test_a_killed_job_resumes_in_its_output_folder(ray_cluster, mlflow_server, t
     is killed after step 4, before its checkpoint. Meanwhile a second job on the output is refused; afterwards a
     rerun with another config is refused, and Ray Train's checkpoint record is damaged (0 bytes, as a full disk
     leaves it). The rerun with the same config resumes from the step-2 checkpoint, continues the killed job's
-    MLflow run with each step logged once, and registers the model."""
+    MLflow run with each step logged once, and registers the model; one more rerun is refused."""
     from mlflow.tracking import MlflowClient
 
     from pipelines.train import SNAPSHOT_FILE
@@ -145,6 +145,10 @@ def test_a_killed_job_resumes_in_its_output_folder(ray_cluster, mlflow_server, t
     checkpoints = sorted(p.name for p in (out / "ray").glob("*/step-*"))
     assert checkpoints == ["step-00000002", f"step-{STEPS:08d}"]
     assert (out / "model" / "model.safetensors").exists()
+
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)  # its model is registered
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    assert f"holds a finished run (MLflow run {run.info.run_id})" in again.stderr
 
 
 def test_a_diverging_run_stops_at_once_and_registers_nothing(ray_cluster, mlflow_server, tiny_model, word_corpus,
