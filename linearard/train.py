@@ -46,6 +46,10 @@ StepCallback = Callable[[int, dict[str, float]], None]
 BarFactory = Callable[[int, int], Any]  # (total, initial) -> an object with update(n) and close()
 
 
+class NonFiniteError(FloatingPointError):
+    """A training step's loss or gradient norm is not finite: the run stops, nothing bad is saved."""
+
+
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -99,7 +103,8 @@ class Trainer:
         Returns the step's metrics, the same on every rank: ``loss`` and the per-term values (``ard_q``,
         ``ard_k``, ``ard_v``, ``lm``, ``logits_kd``, ``hidden_cosine`` when on) averaged over ranks, ``lr``,
         ``grad_norm``, ``tokens`` (cumulative, all ranks), ``tokens_per_s`` (all ranks) and, on CUDA,
-        ``peak_memory_gib`` (this rank's allocated peak so far).
+        ``peak_memory_gib`` (this rank's allocated peak so far). Raises ``NonFiniteError`` naming the step when
+        the loss or the gradient norm is not finite.
         """
         start = time.perf_counter()
         # counted on the incoming (host) batch: no device sync
@@ -132,11 +137,17 @@ class Trainer:
         values = _sum_over_ranks(values)
         world = dist.get_world_size() if dist.is_initialized() else 1
         values = values.tolist()  # the step's only host sync, after the optimizer's kernels are queued
+        loss_value, norm = values[names.index("loss")] / world, values[-2] / world
+        if not (math.isfinite(loss_value) and math.isfinite(norm)):
+            # This step's update has damaged the weights: stop before they reach a checkpoint. The values are
+            # reduced over the ranks, so every rank stops here.
+            raise NonFiniteError(f"training diverged at step {self.step + 1}: loss {loss_value:g}, gradient norm "
+                                 f"{norm:g} (lower optim.lr, or check the data and the models)")
         step_tokens = int(values[-1])
         self.step += 1
         self.batches_seen += 1
         self.tokens_seen += step_tokens
-        metrics = {**{n: v / world for n, v in zip(names, values)}, "lr": lr, "grad_norm": values[-2] / world,
+        metrics = {**{n: v / world for n, v in zip(names, values)}, "lr": lr, "grad_norm": norm,
                    "tokens_per_s": step_tokens / max(time.perf_counter() - start, 1e-9),
                    "tokens": float(self.tokens_seen)}
         if self.device.type == "cuda":  # this rank's peak so far (no sync: the allocator's own counter)

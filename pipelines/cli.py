@@ -6,7 +6,8 @@
                        [--restored M (eval.restored) | --checkpoint DIR] [--output DIR] [--tracking-uri URI] [--section.key value ...]
 
 Both resolve the config into a plan first: a bad one prints one error line and exits 2 before anything starts
-or is written. A run that fails prints one line (the traceback is in Ray's and MLflow's logs) and exits 1.
+or is written; so does a restore whose output folder holds another run or is in use by another job. A run that
+fails prints one line, the root cause (the traceback is in Ray's and MLflow's logs), and exits 1.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def restore(argv: list[str], prog: str = "linearard restore") -> int:
 
     try:
         summary = run(plan)
+    except ConfigError as err:  # the output folder refused the run: another config, or another job holds it
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
     except Exception as err:  # noqa: BLE001 - the traceback is in Ray's and MLflow's logs; the user gets one line
         print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
         return 1

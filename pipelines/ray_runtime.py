@@ -1,4 +1,5 @@
-"""Ray start-up, in one place: join the cluster the user named, or start a private local one.
+"""Ray start-up and Ray errors, in one place: join the cluster the user named, or start a private local one;
+the error behind Ray's wrappers (``root_cause``) and whether a retry can help (``is_deterministic``).
 
 ``ray.address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets for its driver) names a cluster to join;
 without either, a private local Ray is started for this job, sized to the machine, and never an
@@ -10,6 +11,8 @@ from __future__ import annotations
 import os
 
 import ray
+import ray.exceptions
+import ray.train
 
 from linearard.config import RayConfig
 
@@ -26,3 +29,30 @@ def start(cfg: RayConfig) -> None:
     # enough for the workers plus the data and evaluation stages.
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.num_workers + 2), include_dashboard=True,
              logging_level="WARNING")
+
+
+# Errors that our code (or a library it calls) raises for its inputs: the same inputs raise them again, so a
+# retry from the last checkpoint only repeats the failure.
+DETERMINISTIC_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, NameError, ImportError,
+                        AssertionError, ArithmeticError, NotImplementedError, FileNotFoundError)
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The error behind Ray's wrappers: a Ray task's ``RayTaskError`` (its ``cause``), Ray Train's
+    ``ControllerError`` (its ``controller_failure``) and ``WorkerGroupError`` (the worker's own error: a
+    deterministic one first, the lowest rank's otherwise)."""
+    while True:
+        if isinstance(err, ray.exceptions.RayTaskError) and isinstance(err.cause, BaseException):
+            err = err.cause
+        elif isinstance(err, ray.train.ControllerError):
+            err = err.controller_failure
+        elif isinstance(err, ray.train.WorkerGroupError) and err.worker_failures:
+            failures = [err.worker_failures[rank] for rank in sorted(err.worker_failures)]
+            err = next((e for e in failures if is_deterministic(e)), failures[0])
+        else:
+            return err
+
+
+def is_deterministic(err: BaseException) -> bool:
+    """Whether ``err`` (its root cause) would happen again on a retry (``DETERMINISTIC_ERRORS``)."""
+    return isinstance(root_cause(err), DETERMINISTIC_ERRORS)

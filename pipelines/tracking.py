@@ -1,9 +1,11 @@
 """MLflow, every call of it: one run per restore job, per-step metrics, the evaluation, and the registry.
 
-The driver opens the run (params = the whole config, config.yaml as an artifact, ``open_run``); the rank-0
-Ray Train worker appends per-step metrics to it by id (``StepLogger``); the evaluation task logs the report and
-its numbers (``log_evaluation``) and, last, logs the merged model (transformers flavour, with its tokenizer) and
-registers a new version with tags (``register_model``). Registration is the very last step, so a failed or
+The driver opens the run (params = the whole config, config.yaml as an artifact, ``open_run``), or continues
+the unfinished run of the same output folder (a rerun of a killed job: tag ``OUTPUT_TAG``); the rank-0 Ray
+Train worker appends per-step metrics to it by id, off the training's critical path and each step once
+(``StepLogger``); the evaluation task logs the report and its numbers (``log_evaluation``) and, last, logs the
+merged model (transformers flavour, with its tokenizer) and registers a new version with tags
+(``register_model``), only for a finite evaluation. Registration is the very last step, so a failed or
 rejected run registers nothing. The driver closes the run (``close_run``).
 
 The tracking URI is anything MLflow accepts: ``http://host:5000`` for a server, or a local
@@ -13,6 +15,10 @@ The tracking URI is anything MLflow accepts: ``http://host:5000`` for a server, 
 
 from __future__ import annotations
 
+import math
+import queue
+import sys
+import threading
 import time
 from collections.abc import Mapping
 from importlib.metadata import version
@@ -23,10 +29,12 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from linearard.config import ConfigError
 from linearard.plan import SQLITE, Plan
 from linearard.report import judge
 
 MODEL_ARTIFACT = "model"
+OUTPUT_TAG = "linearard.output_dir"  # the restore run's output folder: a rerun into it continues the run
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -41,21 +49,32 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def open_run(plan: Plan) -> str:
-    """Open the job's MLflow run: params = the whole config, the config file as an artifact. Returns its id."""
+def open_run(plan: Plan, restore: bool = False) -> str:
+    """Open the job's MLflow run: params = the whole config, the config file as an artifact. Returns its id.
+
+    The restore job's run (``restore``) is tagged with its output folder, and a rerun into that folder continues
+    the folder's last run if it did not finish (a killed job), or raises ``ConfigError`` if it did."""
     cfg = plan.config
     uri = cfg.tracking.uri
     _use(uri)
     if uri.startswith(SQLITE):
         Path(uri[len(SQLITE):]).parent.mkdir(parents=True, exist_ok=True)
-    if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
         location = None
         if uri.startswith(SQLITE):  # a tracking server decides where artifacts go itself
             location = (Path(uri[len(SQLITE):]).parent / "mlartifacts").resolve().as_uri()
         mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
     mlflow.set_experiment(cfg.tracking.experiment)
+    earlier = _output_run(experiment.experiment_id, plan.output.root) if restore and experiment else None
+    if earlier is not None:
+        if earlier.info.status == "FINISHED":
+            raise ConfigError(f"--output {plan.output.root} holds a finished run (MLflow run {earlier.info.run_id}):"
+                              " give another --output, or delete the folder, to start a new one")
+        return mlflow.start_run(run_id=earlier.info.run_id).info.run_id  # RUNNING again, until closed
     run = mlflow.start_run(run_name=cfg.tracking.run_name or f"restore-{plan.output.root.name}",
-                           tags={"teacher": plan.models.teacher, "rope": plan.models.rope})
+                           tags={"teacher": plan.models.teacher, "rope": plan.models.rope,
+                                 **({OUTPUT_TAG: str(plan.output.root)} if restore else {})})
     items = list(flatten(cfg.to_dict()).items())
     for i in range(0, len(items), 100):  # log_params takes at most 100 per call
         mlflow.log_params(dict(items[i:i + 100]))
@@ -64,22 +83,101 @@ def open_run(plan: Plan) -> str:
     return run.info.run_id
 
 
+def _output_run(experiment_id: str, root: Path) -> Any:
+    """The newest restore run of the output folder ``root``, or None."""
+    runs = MlflowClient().search_runs([experiment_id], filter_string=f"tags.`{OUTPUT_TAG}` = '{root}'",
+                                      order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
 def close_run(success: bool) -> None:
-    """Close the active run as FINISHED or FAILED."""
-    mlflow.end_run(status="FINISHED" if success else "FAILED")
+    """Close the active run as FINISHED or FAILED. Closing a failed run never raises (a tracking server that
+    is gone must not hide why the run failed): it warns instead."""
+    if success:
+        mlflow.end_run(status="FINISHED")
+        return
+    try:
+        mlflow.end_run(status="FAILED")
+    except Exception as err:  # noqa: BLE001 - the run's own error is the one to report
+        print(f"linearard: could not mark the MLflow run FAILED ({type(err).__name__})", file=sys.stderr)
 
 
 class StepLogger:
-    """Appends per-step metrics to an existing run by id; used from the rank-0 training worker."""
+    """Appends per-step metrics to an existing run by id; used from the rank-0 training worker.
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+    Never on the training's critical path: a call only queues the metrics, a background thread sends them
+    (MLflow's client retries a failing request itself). A tracking server that is slow or gone costs training
+    nothing: metrics beyond ``max_pending`` waiting steps are dropped, and ``close`` waits for the queue at
+    most ``close_timeout`` seconds, then warns about what was not sent.
+
+    Each step is logged once: steps the run already has (its ``step`` metric) are skipped. A resumed run
+    re-trains the steps after its last checkpoint, and resume is exact, so their values are those already
+    logged. (A step that was trained but not yet sent when a run was killed stays missing.)
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, max_pending: int = 1000, close_timeout: float = 30.0):
+        self.client, self.run_id, self.close_timeout = MlflowClient(tracking_uri), run_id, close_timeout
+        self.pending: queue.Queue = queue.Queue(max_pending)
+        self.dropped, self.failed = 0, 0
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self._send_all, name="mlflow-step-logger", daemon=True)
+        self.thread.start()
 
     def __call__(self, metrics: Mapping[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-        if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+        """Queue one step's metrics (those the run has not logged at ``step`` yet)."""
+        self._queue(dict(metrics), step, once=True)
+
+    def mark_resume(self, step: int) -> None:
+        """Queue ``resumed_from_step`` = ``step``: a restart from the checkpoint of ``step`` shows in the run."""
+        self._queue({"resumed_from_step": step}, step, once=False)
+
+    def close(self) -> None:
+        """Send what is queued, waiting at most ``close_timeout`` seconds; warn about what was not sent."""
+        self.closing.set()
+        self.thread.join(self.close_timeout)
+        lost = self.dropped + self.failed + self.pending.qsize()
+        if lost:
+            print(f"linearard: {lost} steps' metrics were not logged to MLflow (the tracking server was slow or "
+                  "unreachable)", file=sys.stderr, flush=True)
+
+    def _queue(self, metrics: dict[str, float], step: int, once: bool) -> None:
+        try:
+            self.pending.put_nowait((metrics, step, once))
+        except queue.Full:
+            self.dropped += 1
+
+    def _send_all(self) -> None:
+        try:
+            logged = self.client.get_run(self.run_id).data.metrics.get("step", 0)  # the run's last logged step
+        except Exception:  # noqa: BLE001 - unreachable: send everything, as to a new run
+            logged = 0
+        while not (self.closing.is_set() and self.pending.empty()):
+            try:
+                metrics, step, once = self.pending.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if once and step <= logged:
+                continue
+            now = int(time.time() * 1000)
+            batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception:  # noqa: BLE001 - best effort: counted and reported by close()
+                self.failed += 1
+
+
+def check_evaluation(report: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` unless the report measured the restored model and every number in it is finite: a
+    model is registered only on a finite evaluation."""
+    restored = report.get("models", {}).get("restored", {})
+    if not restored.get("ppl"):
+        raise ValueError("the restored model was not evaluated: not registered")
+    for name, result in report["models"].items():
+        for metric in ("ppl", "passkey"):
+            for length, value in result.get(metric, {}).items():
+                if not math.isfinite(value):
+                    raise ValueError(f"the evaluation is not finite ({name} {metric} at {length} tokens: {value}): "
+                                     "not registered")
 
 
 def log_evaluation(plan: Plan, run_id: str, report: Mapping[str, Any]) -> None:

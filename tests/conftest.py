@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -275,15 +276,14 @@ def ray_driver(ray_cluster):
     return ray_cluster
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with a sqlite backend (so the Model Registry works) and served
-    artifacts, shared by the session. Yields its tracking URI."""
+@contextlib.contextmanager
+def running_mlflow_server(root: Path):
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend in ``root`` (so the Model Registry works) and
+    served artifacts. Yields ``(uri, stop)``: ``stop()`` stops it early (a server that dies mid-run)."""
     import os
     import subprocess
     import sys
 
-    root = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
     log = open(root / "server.log", "w")
     server = subprocess.Popen(
@@ -296,10 +296,17 @@ def mlflow_server(tmp_path_factory):
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_http(f"{uri}/health", 120)
-        yield uri
+        yield uri, lambda: _stop_group(server)
     finally:
         _stop_group(server)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow server (``running_mlflow_server``) shared by the session. Yields its tracking URI."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow")) as (uri, _):
+        yield uri
 
 
 @pytest.fixture(scope="session")

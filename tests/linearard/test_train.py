@@ -14,14 +14,14 @@ from linearard import checkpoint
 from linearard.checkpoint import LocalCheckpoints
 from linearard.distributed import shard_teacher_student
 from linearard.models import build_teacher_student
-from linearard.train import Trainer, seed_everything
+from linearard.train import NonFiniteError, Trainer, seed_everything
 from tests.conftest import plan_for
 
 
-def _plan(path, out, lora_dropout=0.1, gradient_checkpointing=False, warmup_steps=2, **train):
+def _plan(path, out, lora_dropout=0.1, gradient_checkpointing=False, warmup_steps=2, lr=1e-2, **train):
     return plan_for(path, model={"rope": "linear:4", "gradient_checkpointing": gradient_checkpointing},
                     lora={"r": 4, "alpha": 8, "dropout": lora_dropout},  # dropout: resume must restore the RNG too
-                    optim={"lr": 1e-2, "warmup_steps": warmup_steps, "min_lr_ratio": 0.1},
+                    optim={"lr": lr, "warmup_steps": warmup_steps, "min_lr_ratio": 0.1},
                     train={"method": "ard", "steps": 6, "batch_size": 4, "progress_bar": False, "output_dir": str(out),
                            **train})
 
@@ -56,6 +56,15 @@ def test_loss_falls_and_schedule(tiny_model, tmp_path):
     assert seen[10]["tokens"] == 10 * 4 * 16
     assert all(not p.requires_grad for p in trainer.teacher.parameters())
     assert checkpoint.latest(tmp_path / "checkpoints").name == "step-00000010"
+
+
+def test_a_diverging_run_stops_at_its_step_and_saves_nothing(tiny_model, tmp_path):
+    plan = _plan(tiny_model("llama"), tmp_path, warmup_steps=0, lr=1e30, checkpoint_every=1)
+    seen = {}
+    with pytest.raises(NonFiniteError, match="training diverged at step 2: loss"):
+        _setup(plan).fit(_batches(6), LocalCheckpoints(tmp_path / "checkpoints"), on_step=seen.__setitem__)
+    assert list(seen) == [1] and math.isfinite(seen[1]["loss"])  # the diverged step reaches no callback
+    assert checkpoint.latest(tmp_path / "checkpoints").name == "step-00000001"  # and no checkpoint
 
 
 def test_grad_accum_matches_one_big_batch(tiny_model, tmp_path):

@@ -1,16 +1,20 @@
 """The restore job end to end on a real local Ray (2 CPU workers, gloo, FSDP2) and a real MLflow server.
 
-One run restores the tiny model while a worker dies once mid-run (the test hook): it must resume from its
-last checkpoint, finish the planned steps, and register a model that loads back from the registry with the
-scaled RoPE. Bad input must fail fast with one error line and register nothing.
+One job restores the tiny model while a worker dies once mid-run and then the driver is killed (the test
+hooks); its rerun must resume from the last checkpoint in the same MLflow run, finish the planned steps, and
+register a model that loads back from the registry with the scaled RoPE. The output folder belongs to that one
+run (a second job and a changed config are refused). Bad input must fail fast with one error line, a run that
+diverges stops at once, and neither registers anything.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,35 +64,110 @@ def registered_names(uri: str) -> list[str]:
     return [m.name for m in MlflowClient(uri, registry_uri=uri).search_registered_models()]
 
 
-def test_restore_resumes_after_a_worker_failure(ray_cluster, mlflow_server, tiny_model, word_corpus, tmp_path):
+def output_runs(uri: str, output: Path) -> list:
+    """The MLflow runs of the restore job(s) in ``output``."""
     from mlflow.tracking import MlflowClient
 
-    name = "tiny-restored-local"
-    args = restore_args(tiny_model("llama"), word_corpus, tmp_path / "out", mlflow_server, name)
-    env = {**os.environ, "LINEARARD_FAIL_ONCE_AT_STEP": "3"}
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "restore", *args, "--ray.max_failures", "1"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    from pipelines.tracking import OUTPUT_TAG
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("linearard")
+    return client.search_runs([experiment.experiment_id], f"tags.`{OUTPUT_TAG}` = '{output}'")
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The command's error line: there is one, its message appears once in the output, and no Ray wrapper does."""
+    output = proc.stdout + proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("linearard restore: error: ")]
+    assert output.count(line.split(": ", 3)[-1]) == 1, output[-3000:]
+    assert "WorkerGroupError" not in output and "RayTaskError" not in output, output[-3000:]
+    return line
+
+
+def test_a_killed_job_resumes_in_its_output_folder(ray_cluster, mlflow_server, tiny_model, word_corpus, tmp_path):
+    """A worker dies after step 3 (the driver restarts the workers from the step-2 checkpoint), then the driver
+    is killed after step 4, before its checkpoint. Meanwhile a second job on the output is refused; afterwards a
+    rerun with another config is refused, and Ray Train's checkpoint record is damaged (0 bytes, as a full disk
+    leaves it). The rerun with the same config resumes from the step-2 checkpoint, continues the killed job's
+    MLflow run with each step logged once, and registers the model; one more rerun is refused."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.train import SNAPSHOT_FILE
+
+    name, out = "tiny-restored-local", tmp_path / "out"
+    command = [sys.executable, "-m", "pipelines.cli", "restore",
+               *restore_args(tiny_model("llama"), word_corpus, out, mlflow_server, name), "--ray.max_failures", "1"]
+    hooks = {"LINEARARD_FAIL_ONCE_AT_STEP": "3", "LINEARARD_KILL_DRIVER_AT_STEP": "4"}
+    first = subprocess.Popen(command, cwd=REPO, env={**os.environ, **hooks}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / ".lock").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert f"is in use by another job (pid {first.pid} on" in second.stderr
+        _, stderr = first.communicate(timeout=420)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == -signal.SIGKILL, stderr[-3000:]
+    assert "restarting from the last checkpoint (retry 1 of 1)" in stderr
+
+    changed = subprocess.run([*command, "--lora.r", "8"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 2 and changed.stderr.count("\n") == 1, changed.stderr
+    assert "another config (lora.r 4 -> 8): rerun with its config to resume it, or give another --output" in \
+        changed.stderr
+    record = out / "ray" / "train-out" / SNAPSHOT_FILE
+    record.write_bytes(b"")
+
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{STEPS} steps" in proc.stdout and f"registered {name} version 1" in proc.stdout
+    assert f"checkpoint record {record} is damaged" in proc.stderr
     assert "linearard restore: llama: 2 of 2 layers distilled; targets q_proj, k_proj, v_proj" in proc.stdout
 
     tags = check_registered(mlflow_server, name, 4.0)
     assert tags["teacher"] == str(tiny_model("llama")) and tags["rope"] == "linear:4"
     assert int(tags["tokens_seen"]) == STEPS * 2 * 2 * 32  # steps x blocks per worker x workers x ctx_len
+    (run,) = output_runs(mlflow_server, out)  # the killed job's run, continued and closed
+    assert run.info.run_id == tags["run_id"] and run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == str(STEPS)
     client = MlflowClient(mlflow_server)
-    run = client.get_run(tags["run_id"])
-    assert run.info.status == "FINISHED" and run.data.params["train.steps"] == str(STEPS)
-    # Steps 1-2 ran once: the restarted workers resumed from the step-2 checkpoint, not from scratch.
-    steps = [int(m.value) for m in client.get_metric_history(run.info.run_id, "step")]
-    assert steps.count(1) == 1 and steps.count(2) == 1 and max(steps) == STEPS
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_step")] == [2.0]
+    # Each step once, although steps 3 and 4 were trained three and two times
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "step")] == [
+        (step, float(step)) for step in range(1, STEPS + 1)]
+    # Both restarts (the workers', the killed driver's) resumed from the step-2 checkpoint, not from scratch
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_step")] == [2.0, 2.0]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert {"report/report.json", "report/ppl_vs_length.png"} <= artifacts
     assert {"eval/teacher/ppl_32", "eval/extended/ppl_64", "eval/restored/passkey_32",
             "eval/restored_vs/ppl_n_over_teacher"} <= set(run.data.metrics)
-    checkpoints = sorted(p.name for p in (tmp_path / "out" / "ray").glob("*/step-*"))
+    checkpoints = sorted(p.name for p in (out / "ray").glob("*/step-*"))
     assert checkpoints == ["step-00000002", f"step-{STEPS:08d}"]
-    assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+    assert (out / "model" / "model.safetensors").exists()
+
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)  # its model is registered
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    assert f"holds a finished run (MLflow run {run.info.run_id})" in again.stderr
+
+
+def test_a_diverging_run_stops_at_once_and_registers_nothing(ray_cluster, mlflow_server, tiny_model, word_corpus,
+                                                              tmp_path):
+    """A non-finite loss stops the run at its step, as one line without Ray's wrappers, not retried although
+    retries are allowed; the MLflow run is FAILED and nothing is registered."""
+    name = "never-diverged"
+    args = restore_args(tiny_model("llama"), word_corpus, tmp_path / "out", mlflow_server, name)
+    args += ["--workers", "1", "--optim.lr", "1e30", "--optim.warmup_steps", "0", "--ray.max_failures", "2"]
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "restore", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = one_error_line(proc)
+    assert "NonFiniteError: training diverged at step 2: loss" in line
+    assert "restarting" not in proc.stderr
+    (run,) = output_runs(mlflow_server, tmp_path / "out")
+    assert run.info.status == "FAILED" and "resumed_from_step" not in run.data.metrics
+    assert name not in registered_names(mlflow_server)
 
 
 def test_ard_then_cpt_restores_a_student_checkpoint_in_two_stages(ray_cluster, mlflow_server, tiny_model,

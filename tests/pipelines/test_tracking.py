@@ -1,0 +1,72 @@
+"""MLflow tracking against a real server: step metrics each logged once and never blocking training (also when
+the server dies), and registration only on a finite evaluation; Ray's error wrappers peeled off to the cause."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.tracking import StepLogger, check_evaluation
+from tests.conftest import running_mlflow_server
+
+
+def test_step_metrics_are_logged_once_and_never_wait_for_the_server(tmp_path, capfd):
+    with running_mlflow_server(tmp_path) as (uri, stop):
+        client = MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment("steps")).info.run_id
+        log = StepLogger(uri, run_id)
+        for step in (1, 2, 3):
+            log({"loss": 1.0 / step, "step": step}, step)
+        log.close()
+        # A resumed run re-trains steps 2-3 after its step-1 checkpoint: they are not logged again.
+        log = StepLogger(uri, run_id)
+        log.mark_resume(1)
+        for step in (2, 3, 4, 5):
+            log({"loss": 1.0 / step, "step": step}, step)
+        log.close()
+        assert [(m.step, m.value) for m in client.get_metric_history(run_id, "step")] == [
+            (step, float(step)) for step in range(1, 6)]
+        assert [m.value for m in client.get_metric_history(run_id, "resumed_from_step")] == [1.0]
+
+        stop()  # the server dies mid-run: logging costs training nothing, and the end waits a bounded time
+        log = StepLogger(uri, run_id, close_timeout=2)
+        start = time.monotonic()
+        for step in range(6, 1006):
+            log({"loss": 0.5, "step": step}, step)
+        assert time.monotonic() - start < 1.0
+        log.close()
+        assert time.monotonic() - start < 5.0
+    assert "metrics were not logged to MLflow" in capfd.readouterr().err
+
+
+def test_registration_needs_a_finite_evaluation():
+    def report(restored_ppl: float) -> dict:
+        return {"models": {"teacher": {"ppl": {"32": 3.0}, "passkey": {"32": 1.0}},
+                           "restored": {"ppl": {"32": restored_ppl, "64": 2.5}, "passkey": {"32": 1.0}}}}
+
+    check_evaluation(report(3.1))
+    for value in (math.nan, math.inf):
+        with pytest.raises(ValueError, match=f"not finite \\(restored ppl at 32 tokens: {value}\\): not registered"):
+            check_evaluation(report(value))
+    with pytest.raises(ValueError, match="the restored model was not evaluated"):
+        check_evaluation({"models": {"teacher": {"ppl": {"32": 3.0}}}})
+
+
+def test_a_ray_task_error_is_its_cause(ray_driver):
+    import ray
+
+    from pipelines.ray_runtime import is_deterministic, root_cause
+
+    @ray.remote(max_retries=0)
+    def fails(kind: type) -> None:
+        raise kind("the real error")
+
+    for kind, deterministic in ((ValueError, True), (RuntimeError, False)):
+        with pytest.raises(ray.exceptions.RayTaskError) as caught:
+            ray.get(fails.remote(kind))
+        cause = root_cause(caught.value)
+        assert type(cause) is kind and str(cause) == "the real error"
+        assert is_deterministic(caught.value) == deterministic
