@@ -77,6 +77,10 @@ def parse_rope_spec(spec: str) -> dict[str, Any]:
         unknown = set(params) - _LONGROPE_KEYS
         if unknown:
             raise RopeSpecError(f"bad rope spec {spec!r}: unknown LongRoPE keys {sorted(unknown)}")
+        for key in sorted(set(params) & {"attention_factor", "original_max_position_embeddings",
+                                         "max_position_embeddings"}):
+            if not _positive(params[key]):
+                raise RopeSpecError(f"bad rope spec {spec!r}: {key} must be a finite number > 0 (got {params[key]!r})")
         params = {"rope_type": "longrope", **params}
     else:
         factor_text, *extras = rest.split(",")
@@ -124,7 +128,20 @@ def student_rope(teacher_config: Any, parsed: dict[str, Any]) -> tuple[dict[str,
     if rope_type == "llama3":
         params.setdefault("low_freq_factor", 1.0)
         params.setdefault("high_freq_factor", 4.0)
+        if not params["low_freq_factor"] < params["high_freq_factor"]:  # the band between them divides by the gap
+            raise RopeSpecError(f"llama3 needs low_freq_factor < high_freq_factor (got {params['low_freq_factor']} "
+                                f"and {params['high_freq_factor']})")
     if rope_type == "longrope":
+        # One factor per rotated frequency: transformers only warns on a list of another length, then fails (or
+        # scales the wrong frequencies) when the model is built.
+        head_dim = getattr(teacher_config, "head_dim", None) or \
+            teacher_config.hidden_size // teacher_config.num_attention_heads
+        frequencies = int(head_dim * params.get("partial_rotary_factor", 1.0)) // 2
+        for key in ("short_factor", "long_factor"):
+            values = params[key]
+            if not isinstance(values, list) or len(values) != frequencies or not all(map(_positive, values)):
+                raise RopeSpecError(f"the LongRoPE {key} must be a list of {frequencies} finite numbers > 0 (head "
+                                    f"size {head_dim} / 2), got {values!r:.60}")
         max_positions = params.pop("max_position_embeddings", None)
         if "factor" not in params:
             if max_positions is None:
@@ -136,6 +153,10 @@ def student_rope(teacher_config: Any, parsed: dict[str, Any]) -> tuple[dict[str,
     if rope_type == "dynamic":
         return params, native
     return params, int(round(native * params["factor"]))
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def native_window(config: Any) -> int:
