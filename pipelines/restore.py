@@ -1,7 +1,7 @@
 """The main job: restore a long-context model with LinearARD on Ray, tracked in MLflow, ending in the registry.
 
-``linearard restore`` (``pipelines.cli``) resolves the config into a plan on the driver (nothing starts on a
-bad one) and calls ``run``:
+``linearard restore`` (``pipelines.cli``) resolves the config into a plan on the driver and calls ``check``
+(nothing starts on a bad one, in seconds), then ``run``:
 
     the plan's config.yaml written -> Ray started or joined (``pipelines.ray_runtime``) -> the MLflow run opened
     -> per stage: Ray Data streams blocks to Ray Train FSDP2 workers (``pipelines.train``: per-step metrics to
@@ -22,8 +22,19 @@ import ray
 import ray.data
 
 from linearard.data import heldout_texts
+from linearard.evaluate import check_evaluation
 from linearard.plan import Plan
 from pipelines import ray_runtime, tracking
+
+
+def check(plan: Plan) -> None:
+    """What the driver can tell before anything starts, beyond the plan (``linearard.plan.resolve``): the local
+    machine can host the workers, the tracking server answers, the evaluation can run on the held-out data.
+    ``ConfigError`` (one line, naming the key) otherwise."""
+    ray_runtime.check_resources(plan.config.ray)
+    if plan.config.tracking.enabled:
+        tracking.check_server(plan.config.tracking.uri)
+    check_evaluation(plan)
 
 
 def run(plan: Plan) -> dict[str, Any]:

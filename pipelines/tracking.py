@@ -8,12 +8,17 @@ rejected run registers nothing. The driver closes the run (``close_run``).
 
 The tracking URI is anything MLflow accepts: ``http://host:5000`` for a server, or a local
 ``sqlite:///<path>/mlflow.db`` store (the registry needs a database backend), whose artifacts then go to
-``<path>/mlartifacts``.
+``<path>/mlartifacts``. A server's credentials come from MLflow's variables (``MLFLOW_TRACKING_USERNAME`` /
+``MLFLOW_TRACKING_PASSWORD``) or the URI (``http://user:pw@host``); MLflow only ever sees the URI without them
+(``client_uri``), so nothing it prints, raises or stores carries them, and the params hold the config redacted.
 """
 
 from __future__ import annotations
 
+import os
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from importlib.metadata import version
 from pathlib import Path
@@ -23,6 +28,7 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from linearard.config import ConfigError, redact
 from linearard.plan import SQLITE, Plan
 from linearard.report import judge
 
@@ -39,6 +45,33 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
+
+
+def client_uri(uri: str) -> str:
+    """The tracking URI as MLflow is given it: credentials written in it move to MLflow's own variables
+    (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``) of this process, which it sends from."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password or "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Raise ``ConfigError`` within about ``timeout`` seconds when no MLflow server answers the health check of an
+    http(s) tracking URI (MLflow's own client retries for minutes). Other URIs name a local store."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    health = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout):  # unauthenticated, also on a basic-auth server
+            pass
+    except (OSError, ValueError) as err:  # refused, unresolvable, timed out, or an HTTP error status
+        reason = getattr(err, "reason", None) or err
+        raise ConfigError(f"tracking.uri: no MLflow server answers at {redact(uri)} ({reason}): start it, or "
+                          "give a local store such as sqlite:///outputs/mlflow.db") from None
 
 
 def open_run(plan: Plan) -> str:
@@ -73,7 +106,7 @@ class StepLogger:
     """Appends per-step metrics to an existing run by id; used from the rank-0 training worker."""
 
     def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+        self.client, self.run_id = MlflowClient(client_uri(tracking_uri)), run_id
 
     def __call__(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -93,7 +126,7 @@ def log_evaluation(plan: Plan, run_id: str, report: Mapping[str, Any]) -> None:
     if "restored" in report["models"]:
         metrics.update({f"eval/restored_vs/{k}": v for k, v in judge(report).items() if v is not None})
     # By id through the client: the run may be the active run of this very process (``linearard evaluate``).
-    client = MlflowClient(plan.config.tracking.uri)
+    client = MlflowClient(client_uri(plan.config.tracking.uri))
     client.log_artifacts(run_id, str(plan.output.report_dir), artifact_path="report")
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
@@ -124,5 +157,6 @@ def register_model(plan: Plan, run_id: str, run: Mapping[str, Any]) -> Any:
 
 
 def _use(uri: str) -> None:
+    uri = client_uri(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

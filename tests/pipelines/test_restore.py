@@ -120,26 +120,58 @@ def test_ard_then_cpt_restores_a_student_checkpoint_in_two_stages(ray_cluster, m
     assert [int(m.step) for m in client.get_metric_history(tags["run_id"], "lm")] == [4]
 
 
-@pytest.mark.parametrize("case", ["bad_key", "bad_value", "missing_model", "missing_data"])
+def runs_of(uri: str, output: Path) -> list:
+    """The MLflow runs a restore into ``output`` opened."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("linearard")
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], f"params.`train.output_dir` = '{output}'")
+
+
+# case -> (what the command line adds, what the one error line must name). A few representatives of each kind of
+# check before Ray starts (the rest are tested on RunConfig / resolve / check_evaluation / pipelines.restore.check).
+BAD_INPUT = {
+    "bad_key": ([], "stepz"),
+    "bad_value": ([], "loss.q"),
+    "missing_model": (["--teacher", "{tmp}/no-such-model"], "no-such-model"),
+    "missing_data": (["--data.source", "{tmp}/no-such-corpus.jsonl"], "no-such-corpus"),
+    "truncated_weights": (["--teacher", "{tmp}/truncated"], "model.teacher: cannot read the weights"),
+    "null_text": (["--data.source", "{tmp}/null.jsonl"], "data.source: cannot read"),
+    "too_many_workers": (["--workers", "1000"], "ray.num_workers: 1000 workers"),
+    "no_tracking_server": (["--tracking-uri", "http://user:SECRET@127.0.0.1:9"],
+                           "tracking.uri: no MLflow server answers at http://***@127.0.0.1:9"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_fails_with_one_line(mlflow_server, tiny_model, word_corpus, tmp_path, case):
+    """Exit 2 in seconds with one line naming the cause: before Ray starts, nothing written, no MLflow run."""
+    import shutil
+    import time
+
     name = f"never-{case}"
     args = restore_args(tiny_model("llama"), word_corpus, tmp_path / "out", mlflow_server, name)
     config = tmp_path / "run.yaml"
     config.write_text({"bad_key": "train:\n  stepz: 3\n", "bad_value": "loss:\n  q: -1\n"}.get(case, "{}\n"))
-    if case == "missing_model":
-        args += ["--teacher", str(tmp_path / "no-such-model")]
-    if case == "missing_data":
-        args += ["--data.source", str(tmp_path / "no-such-corpus.jsonl")]
-    proc = subprocess.run([str(BIN / "linearard"), "restore", "--config", str(config), *args], cwd=tmp_path,
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_model("llama"), truncated)
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:1000])
+    (tmp_path / "null.jsonl").write_text('{"text": null}\n')
+    extra, expected = BAD_INPUT[case]
+    start = time.time()
+    proc = subprocess.run([str(BIN / "linearard"), "restore", "--config", str(config), *args,
+                           *(arg.format(tmp=tmp_path) for arg in extra)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("linearard restore: error: "), proc.stderr
-    expected = {"bad_key": "stepz", "bad_value": "loss.q", "missing_model": "no-such-model",
-                "missing_data": "no-such-corpus"}[case]
-    assert expected in lines[0]
-    assert name not in registered_names(mlflow_server)
+    assert expected in lines[0] and "SECRET" not in proc.stderr + proc.stdout, lines[0]
+    assert time.time() - start < 60  # seconds (imports included), not a Ray start and a worker's failure
+    assert name not in registered_names(mlflow_server) and not runs_of(mlflow_server, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written
 
 
