@@ -238,14 +238,20 @@ def ray_driver(ray_cluster):
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
+def mlflow_root(tmp_path_factory) -> Path:
+    """The folder of the session's MLflow server: its store (mlflow.db), artifacts and log."""
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_root):
     """A real `mlflow server` on 127.0.0.1 with a sqlite backend (so the Model Registry works) and served
-    artifacts, shared by the session. Yields its tracking URI."""
+    artifacts (in ``mlflow_root``), shared by the session. Yields its tracking URI."""
     import os
     import subprocess
     import sys
 
-    root = tmp_path_factory.mktemp("mlflow")
+    root = mlflow_root
     port = _free_port()
     log = open(root / "server.log", "w")
     server = subprocess.Popen(

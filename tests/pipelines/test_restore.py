@@ -2,7 +2,9 @@
 
 One run restores the tiny model while a worker dies once mid-run (the test hook): it must resume from its
 last checkpoint, finish the planned steps, and register a model that loads back from the registry with the
-scaled RoPE. Bad input must fail fast with one error line and register nothing.
+scaled RoPE. Bad input must fail fast with one error line and register nothing. Both end-to-end runs carry
+marker secrets (in the tracking URI, or MLflow's and the hub's variables, and Ray's token) that must be found
+nowhere in the output folder, the MLflow store or the job's output.
 """
 
 from __future__ import annotations
@@ -54,22 +56,38 @@ def check_registered(uri: str, name: str, rope_factor: float) -> dict:
     return {**version.tags, "run_id": version.run_id}
 
 
+def leaked(secrets: list[str], folders: list[Path], output: str) -> list[str]:
+    """Where any of ``secrets`` shows: a file under ``folders`` (its bytes), or the job's ``output``."""
+    found = [f"output: {s}" for s in secrets if s in output]
+    for folder in folders:
+        for path in (p for p in folder.rglob("*") if p.is_file()):
+            data = path.read_bytes()
+            found += [f"{path}: {s}" for s in secrets if s.encode() in data]
+    return found
+
+
 def registered_names(uri: str) -> list[str]:
     from mlflow.tracking import MlflowClient
 
     return [m.name for m in MlflowClient(uri, registry_uri=uri).search_registered_models()]
 
 
-def test_restore_resumes_after_a_worker_failure(ray_cluster, mlflow_server, tiny_model, word_corpus, tmp_path):
+def test_restore_resumes_after_a_worker_failure(ray_cluster, mlflow_server, mlflow_root, tiny_model, word_corpus,
+                                                tmp_path):
     from mlflow.tracking import MlflowClient
 
     name = "tiny-restored-local"
-    args = restore_args(tiny_model("llama"), word_corpus, tmp_path / "out", mlflow_server, name)
+    # The server takes any credentials: the password must reach nothing that is saved, logged or printed (the
+    # user name is no secret: MLflow records it as the run's user, as an authenticating server would).
+    uri_with_secret = mlflow_server.replace("http://", "http://marker-user:MARKER-URI-PASSWORD@")
+    args = restore_args(tiny_model("llama"), word_corpus, tmp_path / "out", uri_with_secret, name)
     env = {**os.environ, "LINEARARD_FAIL_ONCE_AT_STEP": "3"}
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "restore", *args, "--ray.max_failures", "1"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{STEPS} steps" in proc.stdout and f"registered {name} version 1" in proc.stdout
+    assert not leaked(["MARKER-URI-PASSWORD", ray_cluster["token"]], [tmp_path / "out", mlflow_root],
+                      proc.stdout + proc.stderr)
 
     tags = check_registered(mlflow_server, name, 4.0)
     assert tags["teacher"] == str(tiny_model("llama")) and tags["rope"] == "linear:4"
@@ -90,8 +108,8 @@ def test_restore_resumes_after_a_worker_failure(ray_cluster, mlflow_server, tiny
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
 
 
-def test_ard_then_cpt_restores_a_student_checkpoint_in_two_stages(ray_cluster, mlflow_server, tiny_model,
-                                                                  tiny_extended, word_corpus, tmp_path):
+def test_ard_then_cpt_restores_a_student_checkpoint_in_two_stages(ray_cluster, mlflow_server, mlflow_root,
+                                                                  tiny_model, tiny_extended, word_corpus, tmp_path):
     """The extended-model scenario: the student is its own checkpoint (RoPE in its config); two stages on one
     step axis; the registered model is that long-context model restored."""
     from mlflow.tracking import MlflowClient
@@ -100,9 +118,13 @@ def test_ard_then_cpt_restores_a_student_checkpoint_in_two_stages(ray_cluster, m
     args = restore_args(tiny_model("llama"), word_corpus, tmp_path / "out", mlflow_server, name, tiny_extended)
     args += ["--workers", "1", "--train.method", "ard+cpt", "--train.cpt_steps", "1", "--train.batch_size", "4",
              "--train.grad_accum", "1", "--train.checkpoint_every", "0"]
+    secrets = {"HF_TOKEN": "hf_MARKERHUBTOKEN", "MLFLOW_TRACKING_USERNAME": "marker-mlflow-user",
+               "MLFLOW_TRACKING_PASSWORD": "MARKER-MLFLOW-PASSWORD"}
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "restore", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=420)
+                          text=True, timeout=420, env={**os.environ, **secrets})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not leaked([secrets["HF_TOKEN"], secrets["MLFLOW_TRACKING_PASSWORD"], ray_cluster["token"]],
+                      [tmp_path / "out", mlflow_root], proc.stdout + proc.stderr)
     report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
     # 3 ARD steps of 4 x 32 tokens, then 1 CPT step of 1 x 128 (4n) tokens, the CPT stage from the ARD weights
     run = report["run"]
