@@ -55,7 +55,7 @@ def client_uri(uri: str) -> str:
         return uri
     os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
     os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password or "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return _without_credentials(parts)
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:
@@ -64,7 +64,7 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme not in ("http", "https"):
         return
-    health = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/") + "/health"
+    health = _without_credentials(parts).rstrip("/") + "/health"
     try:
         with urllib.request.urlopen(health, timeout=timeout):  # unauthenticated, also on a basic-auth server
             pass
@@ -154,6 +154,10 @@ def register_model(plan: Plan, run_id: str, run: Mapping[str, Any]) -> Any:
             # Pinned explicitly: MLflow's default list wants torchvision, which a text model does not need.
             pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in ("transformers", "torch", "safetensors")])
         return mlflow.register_model(info.model_uri, cfg.tracking.registered_model_name, tags=tags)
+
+
+def _without_credentials(parts: urllib.parse.SplitResult) -> str:
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _use(uri: str) -> None:
