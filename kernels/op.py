@@ -62,8 +62,13 @@ def relation_kl(
             deterministic.
 
     Returns:
-        The loss in float32 (float64 for float64 inputs). A row is counted when ``mask`` is true there and it
-        has at least one valid column; other rows contribute 0 and no gradient.
+        The loss in float32 (float64 for float64 inputs). A row is counted when ``mask`` is true there (it then
+        always has itself as a valid column); other rows contribute 0 and no gradient.
+
+    Non-finite input is propagated, never hidden: a NaN or ±inf in a counted row or a valid column of the
+    teacher's (or the student's) tensors makes that row's KL, and so the loss, NaN on both backends, and the
+    gradients NaN. (Refusing it would cost a host sync per call; the caller checks the loss, once per step.)
+    Positions the mask leaves out are never read.
 
     Raises:
         ValueError: bad ranks, shapes, head counts, devices, dtypes, mask/segment shapes, flags, backend or

@@ -110,9 +110,9 @@ class _RelationKL(torch.autograd.Function):
                 base_s = torch.where(m_s_new.isinf(), 0.0, m_s_new)
                 l_s = l_s * torch.exp(m_s - base_s) + torch.exp(s - base_s[..., None]).sum(-1)
                 m_s = m_s_new
-            counted = l_t > 0
-            if mask is not None:
-                counted &= mask[:, None, r0:r1]
+            # A real token's row always has itself as a valid column, so the counted rows are the masked-in ones.
+            # Not `l_t > 0`: that is false for NaN and would drop the rows where the teacher is not finite.
+            counted = torch.ones_like(l_t, dtype=torch.bool) if mask is None else mask[:, None, r0:r1].expand(shape)
             lse_s_c = m_s + torch.log(l_s)
             lse_t_c = m_t + torch.log(l_t)
             kl[:, :, r0:r1] = torch.where(counted, a_t / l_t - lse_t_c + lse_s_c, 0.0)

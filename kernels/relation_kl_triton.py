@@ -308,7 +308,9 @@ def _fwd_kernel(SR, SC, TR, TC, MASK, SEG, KL, LSE_S, LSE_T, T, T_TUNE, H, G_S, 
         m_s, l_s, m_t, l_t, a_t = _fwd_tile(q_s, q_t, ks_ptr, kt_ptr, mask_ptr, seg_ptr, start_n, offs_m, seg_m, T,
                                             sc_s, sc_t, m_s, l_s, m_t, l_t, a_t, DS, DT, DSP, DTP, BLOCK_N, True,
                                             CAUSAL, HAS_MASK, HAS_SEG, IEEE)
-    counted = (l_t > 0.0) & _load_real(mask_ptr, offs_m, T, HAS_MASK)
+    # A real token's row always has itself as a valid column: the counted rows are the masked-in ones (not
+    # `l_t > 0`, which is false for NaN and would drop the rows where the teacher is not finite).
+    counted = _load_real(mask_ptr, offs_m, T, HAS_MASK)
     l_t_safe = tl.where(counted, l_t, 1.0)
     lse_s = m_s + tl.math.log2(tl.where(counted, l_s, 1.0))
     lse_t = m_t + tl.math.log2(l_t_safe)

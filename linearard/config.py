@@ -1,7 +1,7 @@
 """The run config: a dataclass tree (the schema), loaded from YAML and ``--section.key value`` overrides.
 
     cfg = RunConfig.from_yaml("run.yaml", ["--train.steps", "20", "loss.layers=[0,2]"])
-    cfg.to_dict()  # plain dict (YAML/MLflow-ready)
+    cfg.to_dict()  # plain dict (YAML/MLflow-ready, credentials in URIs redacted)
 
 Loading checks what the config alone can tell: known keys, types, and each value's range. What needs the
 models (the native window, layer counts, RoPE composition), the method presets and the stages are resolved
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -44,6 +45,16 @@ class ConfigError(ValueError):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+# The user-info part of any URI in a text: `http://user:pw@host` (greedy up to the last @ before the path).
+_URI_CREDENTIALS = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URI in it replaced by ``***`` (``http://user:pw@host:5000`` ->
+    ``http://***@host:5000``): a config value, or a message, as it may be logged, saved or printed."""
+    return _URI_CREDENTIALS.sub(r"\1***@", text)
 
 
 @dataclass
@@ -238,8 +249,9 @@ class RunConfig:
         return dotted_key in getattr(self, "_user_keys", frozenset())
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict of every value."""
-        return dataclasses.asdict(self)
+        """Plain nested dict of every value, credentials in URIs redacted (``redact``): what is saved (config.yaml)
+        and logged (MLflow params). The config itself keeps them for the run."""
+        return _redacted(dataclasses.asdict(self))
 
     def yaml_text(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -295,6 +307,12 @@ class RunConfig:
                 raise ConfigError(f"{key} must be a finite number in {span.replace('inf', '∞')} (got {value})")
         if len(opt.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in opt.betas):
             raise ConfigError(f"optim.betas must be 2 numbers in [0, 1) (got {opt.betas})")
+        for name, amount in self.ray.resources_per_worker.items():
+            if not math.isfinite(amount) or amount < 0:
+                raise ConfigError(f"ray.resources_per_worker: {name} must be a finite number >= 0 (got {amount})")
+        if loss.backend == "triton" and not self.ray.use_gpu:
+            raise ConfigError("loss.backend triton runs on CUDA only, and ray.use_gpu is false (the workers train on "
+                              "CPU): set ray.use_gpu true, or loss.backend auto")
         if not lora.target_modules or not all(lora.target_modules):
             raise ConfigError(f"lora.target_modules must name at least one module (got {lora.target_modules})")
         if tr.batch_size % tr.grad_accum:
@@ -338,6 +356,14 @@ def _parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
             value = text
         pairs.append((key, value))
     return pairs
+
+
+def _redacted(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {key: _redacted(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_redacted(value) for value in tree]
+    return redact(tree) if isinstance(tree, str) else tree
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

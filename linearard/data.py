@@ -19,6 +19,7 @@ batch) and, in packed mode, ``segment_ids int64[N, ctx_len]``.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 import zlib
@@ -188,24 +189,35 @@ def read_texts(source: str, text_field: str = "text", split: str = "train") -> I
         yield decode_text(Path(path).read_bytes())
 
 
-def heldout_texts(source: str, text_field: str, fraction: float, max_documents: int = 64) -> list[str]:
-    """The first ``max_documents`` held-out documents (``is_heldout``) in reading order: the same texts in every
-    run, so reports compare. Empty when ``fraction`` is 0."""
-    if fraction <= 0:
-        return []
-    texts = []
-    for text in read_texts(source, text_field):
-        if is_heldout(text, fraction):
-            texts.append(text)
-            if len(texts) == max_documents:
-                break
-    return texts
+def iter_heldout(source: str, text_field: str, fraction: float) -> Iterator[str]:
+    """The held-out documents (``is_heldout``) in reading order, read as they are asked for; none when
+    ``fraction`` is 0."""
+    if fraction > 0:
+        yield from (text for text in read_texts(source, text_field) if is_heldout(text, fraction))
+
+
+HELDOUT_DOCUMENTS = 64  # what an evaluation reads: the first 64 held-out documents
+
+
+def heldout_texts(source: str, text_field: str, fraction: float,
+                  max_documents: int = HELDOUT_DOCUMENTS) -> list[str]:
+    """The first ``max_documents`` held-out documents in reading order (``iter_heldout``): the same texts in
+    every run, so reports compare. Empty when ``fraction`` is 0."""
+    return list(itertools.islice(iter_heldout(source, text_field, fraction), max_documents))
+
+
+def looks_binary(text: str) -> bool:
+    """Whether a decoded document is binary data rather than text: it holds a NUL character, or more than one
+    character in ten is undecodable (U+FFFD, what ``decode_text`` puts for invalid UTF-8)."""
+    return "\x00" in text or text.count("\ufffd") * 10 > len(text)
 
 
 def _field(row: dict[str, Any], text_field: str, where: str) -> str:
-    if text_field not in row:
-        raise KeyError(f"the documents of {where} have no {text_field!r} field (data.text_field); fields: "
-                       f"{sorted(row)}")
+    if not isinstance(row, dict) or text_field not in row:
+        fields = sorted(row) if isinstance(row, dict) else f"a {type(row).__name__}, not an object"
+        raise KeyError(f"the documents of {where} have no {text_field!r} field (data.text_field); fields: {fields}")
+    if row[text_field] is None:
+        raise ValueError(f"a document of {where} has no text ({text_field!r} is null)")
     return str(row[text_field])
 
 

@@ -13,6 +13,7 @@ restored (after) from a plan and a checkpoint, then the merged restored model.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import random
@@ -25,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from linearard.config import EvalConfig
-from linearard.data import cut_per_document, tokenize
+from linearard.config import ConfigError, EvalConfig
+from linearard.data import HELDOUT_DOCUMENTS, cut_per_document, iter_heldout, tokenize
 from linearard.plan import Plan
 
 # The passkey format (the classic one of Mohtashami & Jaggi, 2023, with a shorter needle so that a prompt
@@ -216,6 +217,51 @@ def evaluate_models(models: Mapping[str, Any], tokenizer: Any, texts: Sequence[s
                                                                        cfg.batch_size, max_length=window))
         results[name] = result
     return {"native_ctx": cfg.ctx_len, "lengths": lengths, "models": results, "eval": asdict(cfg)}
+
+
+def check_evaluation(plan: Plan) -> None:
+    """Raise ``ConfigError`` (one line, naming the key) when the evaluation a run ends with could not run, before
+    anything starts: the held-out split (``data.eval_fraction``) must hold a document as long as the longest
+    evaluation length (perplexity reads a block of each length), a passkey prompt must fit the shortest, and the
+    lm-eval tasks must exist. Reads held-out documents only until one is long enough."""
+    from linearard.models import load_tokenizer
+
+    cfg, data = plan.eval, plan.config.data
+    if data.eval_fraction == 0:
+        raise ConfigError("data.eval_fraction is 0: no held-out documents to evaluate the restored model on; set it "
+                          "> 0 (e.g. 0.05)")
+    tokenizer = load_tokenizer(plan.models)
+    longest, read, most = cfg.lengths[-1], 0, 0
+    for text in itertools.islice(iter_heldout(data.source, data.text_field, data.eval_fraction), HELDOUT_DOCUMENTS):
+        read += 1
+        most = max(most, len(tokenize([text], tokenizer)[0]))
+        if most >= longest:
+            break
+    if read == 0:
+        raise ConfigError(f"data.eval_fraction {data.eval_fraction} holds out none of the documents of "
+                          f"{data.source!r}: nothing to evaluate on; raise it, or use more documents")
+    if most < longest:
+        raise ConfigError(f"eval.length_multipliers: no held-out document has {longest} tokens (eval.ctx_len "
+                          f"{cfg.ctx_len} x {cfg.length_multipliers[-1]}, the longest evaluation length); the longest "
+                          f"of the {read} held out has {most}: lower eval.length_multipliers or eval.ctx_len, or use "
+                          "longer documents")
+    if cfg.passkey_trials > 0:
+        try:
+            passkey_example(tokenizer, cfg.lengths[0], 0.0, 10000)
+        except ValueError as err:
+            raise ConfigError(f"eval.ctx_len {cfg.ctx_len} is too short for the passkey test ({err}): raise it, or "
+                              "set eval.passkey_trials 0") from None
+    for key, tasks in (("eval.lm_eval_tasks", cfg.lm_eval_tasks), ("eval.lm_eval_long_tasks", cfg.lm_eval_long_tasks)):
+        if not tasks:
+            continue
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"{key} needs lm-evaluation-harness: pip install 'linearard[eval]'") from None
+        known = set(_lm_eval_task_manager((str(LM_EVAL_TASKS),)).all_tasks)
+        unknown = [task for task in tasks if task not in known]
+        if unknown:
+            raise ConfigError(f"{key}: no lm-eval task, group or tag is named {unknown[0]!r}")
 
 
 def evaluate_restore(plan: Plan, checkpoint_dir: str | Path, texts: Sequence[str],

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from linearard.config import LOSS_TERMS, ConfigError, EvalConfig, RunConfig
-from linearard.data import is_local_source, local_files
+from linearard.config import LOSS_TERMS, ConfigError, DataConfig, EvalConfig, RunConfig
+from linearard.data import is_heldout, is_local_source, local_files, looks_binary, read_texts
 from linearard.rope import RopeSpecError, native_window, parse_rope_spec, student_rope, with_rope
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name; anything else must be a local path
@@ -88,10 +90,11 @@ class Plan:
 
 
 def resolve(cfg: RunConfig) -> Plan:
-    """Resolve a checked config against the teacher's config.json; raise ``ConfigError`` (one line) if it cannot
-    run. Reads no weights."""
+    """Resolve a checked config against the models and the data; raise ``ConfigError`` (one line) if it cannot
+    run. Reads the models' config.json, their weights' headers (no weights) and tokenizer, and the data source's
+    first documents: a few seconds, on the driver, before anything starts."""
     cfg = _absolute_paths(cfg)
-    _check_source(cfg.data.source)
+    _check_source(cfg.data)
     models = _model_plan(cfg)
     stages = tuple(_stages(cfg, models))
     eval_cfg = dataclasses.replace(cfg.eval, ctx_len=cfg.eval.ctx_len or models.native_window)
@@ -114,8 +117,7 @@ def load_model_config(name_or_path: str, revision: str | None = None, trust_remo
     try:
         return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - any load failure is the same user error
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{key}: cannot load the config of {name_or_path!r} ({reason})") from None
+        raise ConfigError(f"{key}: cannot load the config of {name_or_path!r} ({_reason(err)})") from None
 
 
 def resolve_layers(indices: list[int] | None, num_layers: int, key: str,
@@ -134,9 +136,15 @@ def resolve_layers(indices: list[int] | None, num_layers: int, key: str,
     return resolved
 
 
-def _check_source(source: str) -> None:
-    """A data source that can be read: a local file/folder with readable files, or a hub dataset (which needs
-    the ``datasets`` package)."""
+FIRST_DOCUMENTS = 16  # documents of the source read on the driver: where a broken corpus shows, in seconds
+
+
+def _check_source(data: DataConfig) -> None:
+    """A data source that reads as text: a local file/folder with readable files, or a hub dataset (which needs
+    the ``datasets`` package); its first ``FIRST_DOCUMENTS`` documents read (no truncated archive, a text field
+    in each, not null), are text (not binary, not all empty) and are not all held out. The rest of a large
+    corpus is read by Ray Data during training."""
+    source = data.source
     if is_local_source(source):
         try:
             local_files(source)
@@ -144,12 +152,33 @@ def _check_source(source: str) -> None:
             raise ConfigError(f"data.source: no such file or folder {source!r}") from None
         except ValueError as err:
             raise ConfigError(f"data.source: {err}") from None
-        return
+    else:
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"data.source: {source!r} is a hub dataset, which needs the `datasets` package "
+                              "(pip install datasets); or give a local .jsonl/.parquet/.txt path") from None
     try:
-        import datasets  # noqa: F401
-    except ImportError:
-        raise ConfigError(f"data.source: {source!r} is a hub dataset, which needs the `datasets` package "
-                          "(pip install datasets); or give a local .jsonl/.parquet/.txt path") from None
+        texts = list(itertools.islice(read_texts(source, data.text_field), FIRST_DOCUMENTS))
+    except Exception as err:  # noqa: BLE001 - whatever a reader raises (gzip, JSON, Arrow, hub), the source is bad
+        raise ConfigError(f"data.source: cannot read {source!r} ({_reason(err)})") from None
+    if not texts:
+        raise ConfigError(f"data.source: {source!r} holds no documents")
+    if any(looks_binary(text) for text in texts):
+        raise ConfigError(f"data.source: {source!r} holds binary data, not text (in its first {len(texts)} "
+                          "documents)")
+    if not any(text.strip() for text in texts):
+        raise ConfigError(f"data.source: the first {len(texts)} documents of {source!r} have no text "
+                          f"(data.text_field {data.text_field!r} is empty)")
+    if all(is_heldout(text, data.eval_fraction) for text in texts):
+        raise ConfigError(f"data.eval_fraction {data.eval_fraction} holds out all of the first {len(texts)} "
+                          f"documents of {source!r}: nothing is left to train on (are they all the same?)")
+
+
+def _reason(err: BaseException) -> str:
+    """``"TypeName: first line"`` of an exception, for a one-line error."""
+    text = str(err.args[0] if isinstance(err, KeyError) and err.args else err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -177,12 +206,59 @@ def _model_plan(cfg: RunConfig) -> ModelPlan:
     if m.student is not None and (rope_parameters, window) == (teacher.rope_parameters, teacher.max_position_embeddings):
         raise ConfigError(f"model.student {m.student!r} has the teacher's own RoPE ({_rope_label(rope_parameters, window, window)}): "
                           "nothing to restore; give the extended model, or extend it with model.rope")
+    # What the configs say is right: now the files the workers will read.
+    _check_weights(m.teacher, "model.teacher")
+    if m.student is not None:
+        _check_weights(m.student, "model.student")
+    _check_tokenizer(m.tokenizer or m.teacher, m.revision, m.trust_remote_code,
+                     "model.tokenizer" if m.tokenizer else "model.teacher")
     return ModelPlan(
         teacher=m.teacher, student=m.student or m.teacher, tokenizer=m.tokenizer or m.teacher, revision=m.revision,
         dtype=m.dtype, trust_remote_code=m.trust_remote_code, trainable=m.trainable,
         gradient_checkpointing=m.gradient_checkpointing, model_type=teacher.model_type,
         num_layers=int(teacher.num_hidden_layers), native_window=native_window(teacher), rope=label,
         student_rope=rope_parameters, student_window=window, family=family)
+
+
+def _check_weights(name_or_path: str, key: str) -> None:
+    """A local model folder holds weights whose headers read: ``model.safetensors`` or every shard its index
+    names (safetensors checks a header against the file's size, so a truncated download fails here, not in a
+    worker), or PyTorch ``pytorch_model*.bin`` files. A hub model's files are fetched by the workers."""
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        return
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"{key}: cannot read the weights index {str(index)!r} ({_reason(err)})") from None
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    elif any(folder.glob("pytorch_model*.bin")):
+        return
+    else:
+        raise ConfigError(f"{key}: no weights in {str(folder)!r} (model.safetensors, its shards, or "
+                          "pytorch_model.bin)")
+    from safetensors import safe_open
+
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as err:  # noqa: BLE001 - missing, truncated or not safetensors: the same user error
+            raise ConfigError(f"{key}: cannot read the weights {str(file)!r} ({_reason(err)}): a truncated or "
+                              "incomplete download?") from None
+
+
+def _check_tokenizer(name_or_path: str, revision: str | None, trust_remote_code: bool, key: str) -> None:
+    """The tokenizer loads (as the data stage and the evaluation load it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - no tokenizer files, or files it cannot read: the same user error
+        raise ConfigError(f"{key}: no tokenizer loads from {name_or_path!r} ({_reason(err)})") from None
 
 
 # What an extended model shares with its base: the architecture and its shapes, and the vocabulary.

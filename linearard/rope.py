@@ -89,6 +89,10 @@ def parse_rope_spec(spec: str) -> dict[str, Any]:
         unknown = set(params) - _LONGROPE_KEYS
         if unknown:
             raise RopeSpecError(f"bad rope spec {spec!r}: unknown LongRoPE keys {sorted(unknown)}")
+        for key in sorted(set(params) & {"attention_factor", "original_max_position_embeddings",
+                                         "max_position_embeddings"}):
+            if not _positive(params[key]):
+                raise RopeSpecError(f"bad rope spec {spec!r}: {key} must be a finite number > 0 (got {params[key]!r})")
         params = {"rope_type": "longrope", **params}
     else:
         factor_text, *extras = rest.split(",")
@@ -130,6 +134,10 @@ def _nested_layer_types(config: Any) -> list[str]:
     return config.nested_rope_parameter_keys(config.rope_parameters or {})
 
 
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def native_window(config: Any) -> int:
     """The teacher's native context: the ``original_max_position_embeddings`` of its RoPE when that RoPE
     already scales, else its ``max_position_embeddings``. ``config`` may be a multimodal config (its text
@@ -155,6 +163,9 @@ def _extend(teacher: dict[str, Any], parsed: dict[str, Any], window: int) -> dic
         if spec_type == "llama3":
             params.setdefault("low_freq_factor", 1.0)
             params.setdefault("high_freq_factor", 4.0)
+            if not params["low_freq_factor"] < params["high_freq_factor"]:  # the band between them divides by the gap
+                raise RopeSpecError(f"llama3 needs low_freq_factor < high_freq_factor (got "
+                                    f"{params['low_freq_factor']} and {params['high_freq_factor']})")
         return params
     if teacher_type == spec_type and spec_type in _FACTOR_TYPES:
         params = {k: v for k, v in teacher.items() if k not in _DERIVED_KEYS}
@@ -201,7 +212,16 @@ def student_rope(teacher_config: Any, parsed: dict[str, Any]) -> tuple[dict[str,
         return params, max_positions
     if spec_type == "longrope":  # LongRoPE's factor is relative to its original window; the JSON may give either
         positions = parsed.get("max_position_embeddings")
+        # One factor per rotated frequency: transformers only warns on a list of another length, then fails (or
+        # scales the wrong frequencies) when the model is built.
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         for p in extended:
+            frequencies = int(head_dim * p.get("partial_rotary_factor", 1.0)) // 2
+            for key in ("short_factor", "long_factor"):
+                values = p.get(key)
+                if not isinstance(values, list) or len(values) != frequencies or not all(map(_positive, values)):
+                    raise RopeSpecError(f"the LongRoPE {key} must be a list of {frequencies} finite numbers > 0 "
+                                        f"(head size {head_dim} / 2), got {values!r:.60}")
             p.pop("max_position_embeddings", None)
             if "factor" not in p:
                 if positions is None:

@@ -3,11 +3,14 @@
     linearard restore  [--config X.yaml] [--teacher M] [--student M|none] [--rope SPEC] [--method M]
                        [--output DIR] [--tracking-uri URI] [--address RAY] [--workers N] [--section.key value ...]
     linearard evaluate [--config X.yaml] [--teacher M] [--student M|none] [--rope SPEC]
-                       [--restored M (eval.restored) | --checkpoint DIR] [--output DIR] [--tracking-uri URI] [--section.key value ...]
+                       [--restored M (eval.restored) | --checkpoint DIR] [--output DIR] [--tracking-uri URI]
+                       [--section.key value ...]
 
-Both resolve the config into a plan first: a bad one prints one error line and exits 2 before anything starts
-or is written; so does a restore whose output folder holds another run or is in use by another job. A run that
-fails prints one line, the root cause (the traceback is in Ray's and MLflow's logs), and exits 1.
+Both resolve the config into a plan and check what the driver can (models, data, evaluation, the machine, the
+tracking server) first: a bad one prints one error line and exits 2 in seconds, before anything starts or is
+written; so does a restore whose output folder holds another run or is in use by another job. A run that fails
+prints one line, the root cause (the traceback is in Ray's and MLflow's logs), and exits 1. What they print has
+credentials in URIs redacted.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from linearard.checkpoint import TRAINABLE
-from linearard.config import ConfigError, RunConfig
+from linearard.config import ConfigError, RunConfig, redact
 from linearard.plan import Plan, load_model_config, resolve
 
 COMMANDS = {
@@ -44,6 +47,12 @@ def error_line(err: BaseException) -> str:
     """``"TypeName: first line of the message"``: what a command prints for an unexpected error."""
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def fail(prog: str, message: str, code: int) -> int:
+    """Print ``prog: error: message`` (credentials in URIs redacted) to stderr; return the exit code."""
+    print(f"{prog}: error: {redact(message)}", file=sys.stderr)
+    return code
 
 
 def parse_plan(argv: list[str], prog: str = "linearard restore", extra: tuple[str, ...] = (),
@@ -72,20 +81,18 @@ def restore(argv: list[str], prog: str = "linearard restore") -> int:
     start = time.time()
     try:
         plan, _ = parse_plan(argv, prog)
-    except ConfigError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    print(f"{prog}: {plan.models.family.describe()}", flush=True)  # what is distilled, what is skipped and why
-    from pipelines.restore import run
+        from pipelines.restore import check, run  # Ray and MLflow: imported for a config that resolves
 
+        check(plan)
+    except ConfigError as err:
+        return fail(prog, str(err), 2)
+    print(f"{prog}: {plan.models.family.describe()}", flush=True)  # what is distilled, what is skipped and why
     try:
         summary = run(plan)
     except ConfigError as err:  # the output folder refused the run: another config, or another job holds it
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
+        return fail(prog, str(err), 2)
     except Exception as err:  # noqa: BLE001 - the traceback is in Ray's and MLflow's logs; the user gets one line
-        print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
-        return 1
+        return fail(prog, error_line(err), 1)
     report_md = plan.output.report_dir / "report.md"
     if report_md.exists():
         print(report_md.read_text())
@@ -98,7 +105,7 @@ def restore(argv: list[str], prog: str = "linearard restore") -> int:
 
 def evaluate(argv: list[str], prog: str = "linearard evaluate") -> int:
     from linearard.data import heldout_texts
-    from linearard.evaluate import evaluate_checkpoints, evaluate_restore
+    from linearard.evaluate import check_evaluation, evaluate_checkpoints, evaluate_restore
     from linearard.report import report_markdown
 
     def check_flags(extra: dict) -> None:
@@ -114,10 +121,14 @@ def evaluate(argv: list[str], prog: str = "linearard evaluate") -> int:
         restored, checkpoint = extra["restored"], extra["checkpoint"]
         if restored:
             load_model_config(restored, plan.models.revision, plan.models.trust_remote_code, key="--restored")
+        check_evaluation(plan)
+        tracked = plan.config.user_set("tracking.uri")  # logged to MLflow only when a tracking URI is given
+        if tracked:
+            from pipelines import tracking
+
+            tracking.check_server(plan.config.tracking.uri)
     except ConfigError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    tracked = plan.config.user_set("tracking.uri")  # logged to MLflow only when a tracking URI is given
+        return fail(prog, str(err), 2)
     try:
         data = plan.config.data
         texts = heldout_texts(data.source, data.text_field, data.eval_fraction)
@@ -126,14 +137,11 @@ def evaluate(argv: list[str], prog: str = "linearard evaluate") -> int:
         else:
             report = evaluate_checkpoints(plan, texts, restored)
         if tracked:
-            from pipelines import tracking
-
             run_id = tracking.open_run(plan)
             tracking.log_evaluation(plan, run_id, report)
             tracking.close_run(success=True)
     except Exception as err:  # noqa: BLE001 - one line for the user
-        print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
-        return 1
+        return fail(prog, error_line(err), 1)
     print(report_markdown(report))
     print(f"{prog}: report in {plan.output.report_dir}")
     return 0

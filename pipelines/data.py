@@ -157,6 +157,8 @@ def _select_text(batch: Any, field: str) -> Any:
 
     if field not in batch.column_names:
         raise KeyError(f"the documents have no {field!r} field (data.text_field); fields: {batch.column_names}")
+    if batch[field].null_count:  # as the plain reader (linearard.data.read_texts): no "None" documents
+        raise ValueError(f"a document has no text ({field!r} is null)")
     return pa.table({"text": batch[field].cast(pa.large_string())})
 
 

@@ -14,7 +14,7 @@ import ray
 import ray.exceptions
 import ray.train
 
-from linearard.config import RayConfig
+from linearard.config import ConfigError, RayConfig
 
 
 def start(cfg: RayConfig) -> None:
@@ -29,6 +29,31 @@ def start(cfg: RayConfig) -> None:
     # enough for the workers plus the data and evaluation stages.
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.num_workers + 2), include_dashboard=True,
              logging_level="WARNING")
+
+
+def check_resources(cfg: RayConfig) -> None:
+    """Raise ``ConfigError`` when the private local Ray ``start`` would start could never host the workers (Ray
+    would wait for them forever): a worker per core at most (each holds a teacher and a student and computes),
+    the GPUs they ask for, no custom resources. A cluster's resources are not checked here: an autoscaler may
+    add the nodes a request needs."""
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        return
+    local = "(a local Ray; give ray.address to run on a cluster)"
+    per_worker = cfg.resources_per_worker
+    cores, cpus = os.cpu_count() or 1, per_worker.get("CPU", 1.0)
+    if cfg.num_workers * cpus > cores:
+        raise ConfigError(f"ray.num_workers: {cfg.num_workers} workers x {cpus:g} CPU need "
+                          f"{cfg.num_workers * cpus:g} cores and this machine has {cores} {local}")
+    if cfg.use_gpu:
+        import torch
+
+        have, gpus = torch.cuda.device_count(), per_worker.get("GPU", 1.0)
+        if cfg.num_workers * gpus > have:
+            raise ConfigError(f"ray.use_gpu: {cfg.num_workers} workers x {gpus:g} GPU need "
+                              f"{cfg.num_workers * gpus:g} GPUs and this machine has {have} {local}")
+    custom = sorted(set(per_worker) - {"CPU", "GPU", "memory"})
+    if custom:
+        raise ConfigError(f"ray.resources_per_worker: a local Ray has no {custom[0]!r} resource {local}")
 
 
 # Errors that our code (or a library it calls) raises for its inputs: the same inputs raise them again, so a

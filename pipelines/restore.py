@@ -1,7 +1,7 @@
 """The main job: restore a long-context model with LinearARD on Ray, tracked in MLflow, ending in the registry.
 
-``linearard restore`` (``pipelines.cli``) resolves the config into a plan on the driver (nothing starts on a
-bad one) and calls ``run``:
+``linearard restore`` (``pipelines.cli``) resolves the config into a plan on the driver and calls ``check``
+(nothing starts on a bad one, in seconds), then ``run``:
 
     the output folder locked, its config checked -> the plan's config.yaml written -> the MLflow run opened (or
        the folder's unfinished run continued) -> Ray started or joined (``pipelines.ray_runtime``)
@@ -35,12 +35,23 @@ import yaml
 
 from linearard.config import ConfigError
 from linearard.data import heldout_texts
+from linearard.evaluate import check_evaluation
 from linearard.plan import Plan
 from pipelines import ray_runtime, tracking
 
 LOCK_FILE = ".lock"  # in the output folder: held by the job that runs there
 # What a rerun may change: how the job runs, not what it computes.
 RERUN_FREE_KEYS = ("ray.address", "ray.max_failures", "train.progress_bar")
+
+
+def check(plan: Plan) -> None:
+    """What the driver can tell before anything starts, beyond the plan (``linearard.plan.resolve``): the local
+    machine can host the workers, the tracking server answers, the evaluation can run on the held-out data.
+    ``ConfigError`` (one line, naming the key) otherwise."""
+    ray_runtime.check_resources(plan.config.ray)
+    if plan.config.tracking.enabled:
+        tracking.check_server(plan.config.tracking.uri)
+    check_evaluation(plan)
 
 
 def run(plan: Plan) -> dict[str, Any]:
@@ -132,7 +143,7 @@ def _finish(plan: Plan, checkpoint: Any, run_id: str | None, run_info: dict[str,
     summary: dict[str, Any] = {"model_dir": str(plan.output.model_dir), "report": report}
     if run_id is not None:
         tracking.log_evaluation(plan, run_id, report)  # logged even when not finite: it shows what went wrong
-    tracking.check_evaluation(report)
+    tracking.require_finite_evaluation(report)
     if run_id is not None and plan.config.tracking.registered_model_name:
         version = tracking.register_model(plan, run_id, run_info)
         summary.update(registered_model=version.name, version=version.version)

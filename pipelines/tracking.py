@@ -10,16 +10,21 @@ rejected run registers nothing. The driver closes the run (``close_run``).
 
 The tracking URI is anything MLflow accepts: ``http://host:5000`` for a server, or a local
 ``sqlite:///<path>/mlflow.db`` store (the registry needs a database backend), whose artifacts then go to
-``<path>/mlartifacts``.
+``<path>/mlartifacts``. A server's credentials come from MLflow's variables (``MLFLOW_TRACKING_USERNAME`` /
+``MLFLOW_TRACKING_PASSWORD``) or the URI (``http://user:pw@host``); MLflow only ever sees the URI without them
+(``client_uri``), so nothing it prints, raises or stores carries them, and the params hold the config redacted.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import queue
 import sys
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from importlib.metadata import version
 from pathlib import Path
@@ -29,7 +34,7 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from linearard.config import ConfigError
+from linearard.config import ConfigError, redact
 from linearard.plan import SQLITE, Plan
 from linearard.report import judge
 
@@ -47,6 +52,33 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
+
+
+def client_uri(uri: str) -> str:
+    """The tracking URI as MLflow is given it: credentials written in it move to MLflow's own variables
+    (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``) of this process, which it sends from."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password or "")
+    return _without_credentials(parts)
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Raise ``ConfigError`` within about ``timeout`` seconds when no MLflow server answers the health check of an
+    http(s) tracking URI (MLflow's own client retries for minutes). Other URIs name a local store."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    health = _without_credentials(parts).rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout):  # unauthenticated, also on a basic-auth server
+            pass
+    except (OSError, ValueError) as err:  # refused, unresolvable, timed out, or an HTTP error status
+        reason = getattr(err, "reason", None) or err
+        raise ConfigError(f"tracking.uri: no MLflow server answers at {redact(uri)} ({reason}): start it, or "
+                          "give a local store such as sqlite:///outputs/mlflow.db") from None
 
 
 def open_run(plan: Plan, restore: bool = False) -> str:
@@ -116,7 +148,8 @@ class StepLogger:
     """
 
     def __init__(self, tracking_uri: str, run_id: str, max_pending: int = 1000, close_timeout: float = 30.0):
-        self.client, self.run_id, self.close_timeout = MlflowClient(tracking_uri), run_id, close_timeout
+        self.client, self.run_id = MlflowClient(client_uri(tracking_uri)), run_id
+        self.close_timeout = close_timeout
         self.pending: queue.Queue = queue.Queue(max_pending)
         self.dropped, self.failed = 0, 0
         self.closing = threading.Event()
@@ -166,7 +199,7 @@ class StepLogger:
                 self.failed += 1
 
 
-def check_evaluation(report: Mapping[str, Any]) -> None:
+def require_finite_evaluation(report: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` unless the report measured the restored model and every number in it is finite: a
     model is registered only on a finite evaluation."""
     restored = report.get("models", {}).get("restored", {})
@@ -191,7 +224,7 @@ def log_evaluation(plan: Plan, run_id: str, report: Mapping[str, Any]) -> None:
     if "restored" in report["models"]:
         metrics.update({f"eval/restored_vs/{k}": v for k, v in judge(report).items() if v is not None})
     # By id through the client: the run may be the active run of this very process (``linearard evaluate``).
-    client = MlflowClient(plan.config.tracking.uri)
+    client = MlflowClient(client_uri(plan.config.tracking.uri))
     client.log_artifacts(run_id, str(plan.output.report_dir), artifact_path="report")
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
@@ -221,6 +254,11 @@ def register_model(plan: Plan, run_id: str, run: Mapping[str, Any]) -> Any:
         return mlflow.register_model(info.model_uri, cfg.tracking.registered_model_name, tags=tags)
 
 
+def _without_credentials(parts: urllib.parse.SplitResult) -> str:
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def _use(uri: str) -> None:
+    uri = client_uri(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -303,9 +303,16 @@ def running_mlflow_server(root: Path):
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real MLflow server (``running_mlflow_server``) shared by the session. Yields its tracking URI."""
-    with running_mlflow_server(tmp_path_factory.mktemp("mlflow")) as (uri, _):
+def mlflow_root(tmp_path_factory) -> Path:
+    """The folder of the session's MLflow server: its store (mlflow.db), artifacts and log."""
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_root):
+    """A real MLflow server (``running_mlflow_server``, in ``mlflow_root``) shared by the session. Yields its
+    tracking URI."""
+    with running_mlflow_server(mlflow_root) as (uri, _):
         yield uri
 
 

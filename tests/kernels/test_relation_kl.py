@@ -152,6 +152,41 @@ def test_triton_reduction_none_matches():
     check("triton", "noncausal-left-pad-full-pad-seq", torch.float32, "none", 1e-4, seed=5)
 
 
+NON_FINITE_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1", reason="needs CUDA or the interpreter"))]
+
+
+@pytest.mark.parametrize("backend", NON_FINITE_BACKENDS)
+@pytest.mark.parametrize("tensor, value", [("t_rows", float("nan")), ("t_rows", float("inf")),
+                                           ("t_rows", float("-inf")), ("t_cols", float("nan"))])
+def test_non_finite_teacher_input_gives_a_nan_loss(backend, tensor, value):
+    """A NaN or ±inf the op reads in the teacher's tensors makes the loss NaN on both backends (not a finite
+    number with those rows dropped): exactly the rows the dense reference makes NaN, the others unchanged."""
+    inputs, kwargs = make_inputs(CASES["gqa-right-pad-segments"], torch.float32, 2)
+    index = 2 if tensor == "t_rows" else 3
+    poisoned = inputs[index].clone()
+    poisoned[1, 0, 10, 3] = value  # batch 1 is not padded: a row (t_rows) or a column (t_cols) the op reads
+    inputs = (*inputs[:index], poisoned, *inputs[index + 1:])
+    rows = relation_kl(*inputs, **kwargs, reduction="none", backend=backend).detach().double()
+    ref = relation_kl_dense(*(x.detach().double() for x in inputs), **kwargs, reduction="none")
+    assert ref.isnan().any() and torch.equal(rows.isnan(), ref.isnan())
+    assert torch.allclose(rows[~ref.isnan()], ref[~ref.isnan()], rtol=1e-4, atol=1e-5)
+    loss = relation_kl(*inputs, **kwargs, backend=backend)
+    loss.backward()
+    assert loss.isnan() and not torch.isfinite(inputs[0].grad).all()
+
+
+@pytest.mark.parametrize("backend", NON_FINITE_BACKENDS)
+def test_non_finite_teacher_input_where_the_mask_is_off_is_not_read(backend):
+    inputs, kwargs = make_inputs(CASES["gqa-right-pad-segments"], torch.float32, 2)
+    t_rows, t_cols = inputs[2].clone(), inputs[3].clone()
+    t_rows[0, :, 30], t_cols[0, :, 30] = float("nan"), float("inf")  # batch 0's padding starts at 25
+    inputs = (*inputs[:2], t_rows, t_cols)
+    loss = relation_kl(*inputs, **kwargs, backend=backend).double()
+    ref = relation_kl_dense(*(x.detach().double() for x in inputs), **kwargs)
+    assert torch.isfinite(loss) and rel_err(loss.detach(), ref) < 1e-4
+
+
 def random_case(seed):
     """A random case: shapes, GQA factors, causal, padding, segments, scales and self-relation all drawn."""
     g = torch.Generator().manual_seed(seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from linearard.config import ConfigError, RunConfig
+from linearard.config import ConfigError, RunConfig, redact
 
 
 def _write(tmp_path, data):
@@ -59,6 +59,13 @@ def test_yaml_overrides_round_trip(tmp_path):
     ({}, ["--train.checkpoint_every", "-1"], "train.checkpoint_every must be a finite number >= 0"),
     ({}, ["--ray.max_failures", "-5"], "ray.max_failures must be a finite number >= 0"),
     ({}, ["--ray.num_workers", "0"], "ray.num_workers must be a finite number >= 1"),
+    ({}, ["--ray.resources_per_worker", "{CPU: -1}"], "ray.resources_per_worker: CPU must be a finite number >= 0"),
+    ({}, ["--ray.resources_per_worker", "{GPU: .nan}"], "ray.resources_per_worker: GPU must be a finite number >= 0"),
+    ({}, ["--loss.hidden_cosine", "inf"], "loss.hidden_cosine must be a finite number >= 0"),
+    ({}, ["--optim.weight_decay", ".nan"], "optim.weight_decay must be a finite number in [0.0, ∞]"),
+    ({}, ["--eval.passkey_depths", "[.nan]"], "eval.passkey_depths must be values in [0, 1]"),
+    ({}, ["--loss.backend", "triton"], "loss.backend triton runs on CUDA only, and ray.use_gpu is false"),
+    ({}, ["--loss.backend", "triton", "--ray.use_gpu", "true"], None),  # GPU workers: the machine is checked later
 ])
 def test_bad_configs_one_line(tmp_path, data, overrides, words):
     if words is None:
@@ -85,6 +92,26 @@ def test_bad_yaml_encoding(tmp_path):
     path.write_bytes("model:\n  teacher: caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="is not UTF-8 text"):
         RunConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("http://user:pw@mlflow:5000", "http://***@mlflow:5000"),
+    ("https://user:p@ss@mlflow/prefix", "https://***@mlflow/prefix"),  # an unescaped @ in the password
+    ("failed: http://u:pw@h:1/api/2.0/runs (mail x@y.org)", "failed: http://***@h:1/api/2.0/runs (mail x@y.org)"),
+    ("sqlite:///outputs/mlflow.db", "sqlite:///outputs/mlflow.db"),
+    ("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-hf"),
+])
+def test_redact_hides_the_credentials_of_uris(text, shown):
+    assert redact(text) == shown
+
+
+def test_what_is_saved_and_logged_has_no_uri_credentials(tmp_path):
+    cfg = RunConfig.from_yaml(None, ["--tracking.uri", "http://user:SECRET-PW@mlflow:5000",
+                                     "--ray.storage_path", "s3://KEY:SECRET-S3@bucket/runs"])
+    assert cfg.tracking.uri == "http://user:SECRET-PW@mlflow:5000"  # the run itself connects with them
+    assert cfg.to_dict()["tracking"]["uri"] == "http://***@mlflow:5000"
+    cfg.to_yaml(tmp_path / "config.yaml")
+    assert "SECRET" not in (tmp_path / "config.yaml").read_text() and "SECRET" not in cfg.yaml_text()
 
 
 def test_records_the_keys_the_user_set(tmp_path):

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from linearard.config import EvalConfig
-from linearard.evaluate import (evaluate_models, lm_eval_scores, passkey_accuracy, passkey_example, perplexity,
-                                text_blocks)
+from linearard.config import ConfigError, EvalConfig, RunConfig
+from linearard.evaluate import (check_evaluation, evaluate_models, lm_eval_scores, passkey_accuracy, passkey_example,
+                                perplexity, text_blocks)
+from linearard.plan import resolve
 from linearard.report import judge, write_report
 from linearard.tiny import bundled_corpus
 
@@ -134,3 +135,34 @@ def test_lm_eval_without_the_extra_says_how_to_install(teacher, tokenizer, monke
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` fails, as without the extra (CI has it)
     with pytest.raises(ImportError, match=r"linearard\[eval\]"):
         lm_eval_scores(teacher, tokenizer, ["hellaswag"])
+
+
+def _eval_plan(tiny_model, word_corpus, *overrides):
+    """A plan for the tiny model (native 64) on the word corpus (40 documents of 40-200 words)."""
+    return resolve(RunConfig.from_yaml(None, [
+        "--model.teacher", str(tiny_model()), "--model.student", "null", "--model.rope", "linear:4",
+        "--data.ctx_len", "32", "--data.source", str(word_corpus), "--data.eval_fraction", "0.5",
+        "--eval.length_multipliers", "[1, 2]", *overrides]))
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["--data.eval_fraction", "0"], "data.eval_fraction is 0: no held-out documents"),
+    (["--data.eval_fraction", "0.001"], "data.eval_fraction 0.001 holds out none of the documents of"),
+    (["--eval.length_multipliers", "[1, 4]"], "eval.length_multipliers: no held-out document has 256 tokens"),
+    (["--eval.ctx_len", "8"], "eval.ctx_len 8 is too short for the passkey test"),
+    (["--eval.lm_eval_tasks", "[linearard_passkey_mc]"], "eval.lm_eval_tasks needs lm-evaluation-harness"),
+])
+def test_an_evaluation_that_cannot_run_is_refused_before_the_run(tiny_model, word_corpus, monkeypatch, overrides,
+                                                                 words):
+    """What the evaluation at the end of a run needs, checked on the driver: held-out documents as long as the
+    longest evaluation length, room for a passkey prompt, lm-eval (its task names: tests/linearard/test_lm_eval)."""
+    plan = _eval_plan(tiny_model, word_corpus, *overrides)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` fails, as without the extra
+    with pytest.raises(ConfigError) as err:
+        check_evaluation(plan)
+    assert words in str(err.value) and "\n" not in str(err.value), err.value
+
+
+def test_an_evaluation_that_can_run_passes(tiny_model, word_corpus):
+    check_evaluation(_eval_plan(tiny_model, word_corpus))
+    check_evaluation(_eval_plan(tiny_model, word_corpus, "--eval.passkey_trials", "0", "--eval.ctx_len", "8"))

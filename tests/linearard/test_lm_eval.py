@@ -92,3 +92,20 @@ def test_include_path_adds_a_task_folder(teacher, tokenizer, tmp_path):
     assert set(mine) == {"my_passkey"}
     assert mine["my_passkey"]["sample_len"] == 8
     assert mine["my_passkey"]["acc"] == 1.0
+
+
+def test_unknown_task_names_are_refused_before_the_run(tiny_model, word_corpus):
+    """``check_evaluation`` looks the names up in the task index the evaluation reads (built once per session)."""
+    from linearard.config import ConfigError, RunConfig
+    from linearard.evaluate import check_evaluation
+    from linearard.plan import resolve
+
+    def plan(*overrides):
+        return resolve(RunConfig.from_yaml(None, [
+            "--model.teacher", str(tiny_model()), "--model.student", "null", "--model.rope", "linear:4",
+            "--data.ctx_len", "32", "--data.source", str(word_corpus), "--data.eval_fraction", "0.5",
+            "--eval.length_multipliers", "[1, 2]", *overrides]))
+
+    check_evaluation(plan("--eval.lm_eval_tasks", f"[{PASSKEY}, linearard]"))  # a task and a tag
+    with pytest.raises(ConfigError, match="^eval.lm_eval_long_tasks: no lm-eval task, group or tag is named 'rulr'"):
+        check_evaluation(plan("--eval.lm_eval_tasks", f"[{CODE}]", "--eval.lm_eval_long_tasks", "[rulr]"))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import pickle
+import random
+import shutil
 
 import pytest
 
@@ -28,12 +32,120 @@ def _plan(tiny_model, overrides):
     (["--model.teacher", "/no/such/model"], "no such model path '/no/such/model'"),
     (["--train.method", "ard", "--loss.q", "0", "--loss.k", "0", "--loss.v", "0"], "every term has weight 0"),
     (["--data.source", "/no/such/corpus.jsonl"], "data.source: no such file or folder"),
+    (["--model.rope", "llama3:8,low_freq_factor=4"], "llama3 needs low_freq_factor < high_freq_factor"),
 ])
 def test_bad_plans_one_line(tiny_model, overrides, words):
     with pytest.raises(ConfigError) as err:
         _plan(tiny_model, overrides)
     message = str(err.value)
     assert words in message and "\n" not in message, message
+
+
+def _broken_model(tiny_model, folder, case):
+    """A copy of the tiny model broken as ``case`` says; returns its folder."""
+    shutil.copytree(tiny_model(), folder)
+    weights = folder / "model.safetensors"
+    if case == "no weights":
+        weights.unlink()
+    elif case == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif case == "not safetensors":
+        weights.write_text("<html>Rate limited</html>")
+    elif case == "a missing shard":
+        weights.rename(folder / "model-00001-of-00002.safetensors")
+        index = {"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors",
+                                "model.norm.weight": "model-00002-of-00002.safetensors"}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif case == "no tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).unlink()
+    return folder
+
+
+@pytest.mark.parametrize("case, words", [
+    ("no weights", "no weights in"),
+    ("truncated weights", "incomplete metadata, file not fully covered"),
+    ("not safetensors", "cannot read the weights"),
+    ("a missing shard", "model-00002-of-00002.safetensors"),
+    ("no tokenizer", "model.teacher: no tokenizer loads from"),
+])
+def test_a_model_folder_that_cannot_load_is_refused(tiny_model, tmp_path, case, words):
+    """Found on the driver from the files (headers, not weights), not in a worker after Ray started."""
+    folder = _broken_model(tiny_model, tmp_path / "model", case)
+    with pytest.raises(ConfigError) as err:
+        _plan(tiny_model, ["--model.teacher", str(folder)])
+    message = str(err.value)
+    assert words in message and "\n" not in message, message
+    assert message.startswith("model.teacher: "), message
+
+
+def test_a_broken_student_or_tokenizer_is_named(tiny_model, tiny_extended, tmp_path):
+    student = tmp_path / "student"
+    shutil.copytree(tiny_extended, student)
+    (student / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="^model.student: no weights in"):
+        _student_plan(tiny_model(), student)
+    tokenizer = _broken_model(tiny_model, tmp_path / "tokenizer", "no tokenizer")
+    with pytest.raises(ConfigError, match="^model.tokenizer: no tokenizer loads from"):
+        _plan(tiny_model, ["--model.tokenizer", str(tokenizer)])
+
+
+def _lines(*rows):
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def _corpus(folder, case):
+    """A corpus broken as ``case`` says; returns its path."""
+    words = " ".join(f"w{i % 60 + 2}" for i in range(300))
+    if case == "binary":
+        rng = random.Random(0)
+        (folder / "binary").mkdir()
+        for i in range(3):
+            (folder / "binary" / f"{i}.txt").write_bytes(bytes(rng.randrange(256) for _ in range(2000)))
+        return folder / "binary"
+    path = folder / {"truncated gzip": "corpus.jsonl.gz"}.get(case, "corpus.jsonl")
+    if case == "truncated gzip":
+        whole = gzip.compress(_lines(*[{"text": words}] * 4).encode())
+        path.write_bytes(whole[: len(whole) // 2])
+    else:
+        path.write_text({"empty": "",
+                         "no text field": _lines(*[{"body": words}] * 20),
+                         "empty texts": _lines(*[{"text": " "}] * 20),
+                         "null text": _lines({"text": words}, {"text": None}),
+                         "not json": "text,label\nhello,1\n",
+                         "all held out": _lines(*[{"text": words}] * 20)}[case])
+    return path
+
+
+@pytest.mark.parametrize("case, words", [
+    ("empty", "holds no documents"),
+    ("no text field", "have no 'text' field (data.text_field); fields: ['body']"),
+    ("empty texts", "have no text (data.text_field 'text' is empty)"),
+    ("null text", "has no text ('text' is null)"),
+    ("binary", "holds binary data, not text"),
+    ("truncated gzip", "EOFError: Compressed file ended before the end-of-stream marker was reached"),
+    ("not json", "cannot read"),
+    ("all held out", "data.eval_fraction 0.9999 holds out all of the first 16 documents"),
+])
+def test_a_corpus_that_cannot_train_is_refused_from_its_first_documents(tiny_model, tmp_path, case, words):
+    source = _corpus(tmp_path, case)
+    with pytest.raises(ConfigError) as err:
+        _plan(tiny_model, ["--data.source", str(source), "--data.eval_fraction", "0.9999"])
+    message = str(err.value)
+    assert words in message and "\n" not in message, message
+    assert message.startswith(("data.source: ", "data.eval_fraction ")), message
+
+
+def test_longrope_factor_lists_must_have_one_factor_per_frequency(tiny_model, tmp_path):
+    spec = tmp_path / "longrope.json"
+    spec.write_text(json.dumps({"short_factor": [1.0] * 3, "long_factor": [4.0] * 3, "factor": 4.0}))
+    with pytest.raises(ConfigError, match=r"model.rope: the LongRoPE short_factor must be a list of 4 finite"):
+        _plan(tiny_model, ["--model.rope", f"longrope:{spec}"])
+    spec.write_text(json.dumps({"short_factor": [1.0] * 4, "long_factor": [4.0, 4.0, float("nan"), 4.0]}))
+    with pytest.raises(ConfigError, match=r"the LongRoPE long_factor must be a list of 4 finite numbers > 0"):
+        _plan(tiny_model, ["--model.rope", f"longrope:{spec}"])
+    spec.write_text(json.dumps({"short_factor": [1.0] * 4, "long_factor": [4.0] * 4, "factor": 4.0}))
+    assert _plan(tiny_model, ["--model.rope", f"longrope:{spec}"]).models.student_window == 256
 
 
 def test_methods_are_presets_at_equal_tokens(tiny_model):

@@ -1,7 +1,12 @@
 """Ray Data: the training stream of a corpus spread over jsonl.gz, parquet and txt files, cut per document and
-packed (the same invariants as the pure functions), and the same documents as the plain reader reads."""
+packed (the same invariants as the pure functions), and the same documents as the plain reader reads; its
+tokenizer, like every hub read of the job, at ``model.revision``."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -51,3 +56,50 @@ def test_ray_data_reads_what_the_plain_reader_reads(ray_driver, corpus_files):
 
     rows = read_documents(str(corpus_files), text_field="body").take_all()
     assert sorted(row["text"] for row in rows) == sorted(read_texts(str(corpus_files), "body"))
+
+
+REVISION_SCRIPT = r"""
+import os, shutil, sys
+from pathlib import Path
+
+cache, teacher, other = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+repo = cache / "models--linearard-test--tiny"
+# Two revisions of one hub model: main has no tokenizer at all, v1 has `other`'s (another vocabulary size).
+for ref, commit, tokenizer in (("main", "a" * 40, None), ("v1", "b" * 40, other)):
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(teacher, snapshot, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    if tokenizer is not None:
+        for path in tokenizer.glob("tokenizer*"):
+            shutil.copy(path, snapshot)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+
+from linearard.config import ConfigError, RunConfig
+from linearard.models import load_tokenizer
+from linearard.plan import resolve
+from pipelines.data import _Blocker
+
+def plan(*revision):
+    return resolve(RunConfig.from_yaml(None, ["--model.teacher", "linearard-test/tiny", "--model.student", "null",
+                                              "--model.rope", "linear:4", "--data.ctx_len", "32", *revision]))
+
+try:
+    plan()
+    raise SystemExit("main has no tokenizer: resolve must refuse it")
+except ConfigError as err:
+    assert "model.teacher: no tokenizer loads from 'linearard-test/tiny'" in str(err), err
+p = plan("--model.revision", "v1")
+print(len(load_tokenizer(p.models)), len(_Blocker(p.models.tokenizer, p.models.revision, 32, "packed", False).tokenizer))
+"""
+
+
+def test_every_hub_read_honours_model_revision(tiny_model, tmp_path):
+    """A hub model from an offline cache with two revisions: resolve (config.json, tokenizer), the workers'
+    tokenizer and Ray Data's tokenizer all read ``model.revision``'s files, not main's."""
+    from linearard.tiny import bundled_model_path
+
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", REVISION_SCRIPT, str(tmp_path / "hub"), str(tiny_model()),
+                           str(bundled_model_path())], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["259", "259"]  # v1's tokenizer (the bundled one), in both places

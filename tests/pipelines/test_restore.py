@@ -4,7 +4,9 @@ One job restores the tiny model while a worker dies once mid-run and then the dr
 hooks); its rerun must resume from the last checkpoint in the same MLflow run, finish the planned steps, and
 register a model that loads back from the registry with the scaled RoPE. The output folder belongs to that one
 run (a second job and a changed config are refused). Bad input must fail fast with one error line, a run that
-diverges stops at once, and neither registers anything.
+diverges stops at once, and neither registers anything. The end-to-end runs carry marker secrets (in the
+tracking URI, or MLflow's and the hub's variables, and Ray's token) that must be found nowhere in the output
+folder, the MLflow store or the job's output.
 """
 
 from __future__ import annotations
@@ -58,6 +60,16 @@ def check_registered(uri: str, name: str, rope_factor: float) -> dict:
     return {**version.tags, "run_id": version.run_id}
 
 
+def leaked(secrets: list[str], folders: list[Path], output: str) -> list[str]:
+    """Where any of ``secrets`` shows: a file under ``folders`` (its bytes), or the job's ``output``."""
+    found = [f"output: {s}" for s in secrets if s in output]
+    for folder in folders:
+        for path in (p for p in folder.rglob("*") if p.is_file()):
+            data = path.read_bytes()
+            found += [f"{path}: {s}" for s in secrets if s.encode() in data]
+    return found
+
+
 def registered_names(uri: str) -> list[str]:
     from mlflow.tracking import MlflowClient
 
@@ -84,19 +96,23 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return line
 
 
-def test_a_killed_job_resumes_in_its_output_folder(ray_cluster, mlflow_server, tiny_model, word_corpus, tmp_path):
+def test_a_killed_job_resumes_in_its_output_folder(ray_cluster, mlflow_server, mlflow_root, tiny_model, word_corpus,
+                                                  tmp_path):
     """A worker dies after step 3 (the driver restarts the workers from the step-2 checkpoint), then the driver
     is killed after step 4, before its checkpoint. Meanwhile a second job on the output is refused; afterwards a
     rerun with another config is refused, and Ray Train's checkpoint record is damaged (0 bytes, as a full disk
     leaves it). The rerun with the same config resumes from the step-2 checkpoint, continues the killed job's
-    MLflow run with each step logged once, and registers the model; one more rerun is refused."""
+    MLflow run with each step logged once, and registers the model; one more rerun is refused. The tracking URI
+    carries a password that must reach nothing saved, logged or printed (the user name is no secret: MLflow
+    records it as the run's user, as an authenticating server would)."""
     from mlflow.tracking import MlflowClient
 
     from pipelines.train import SNAPSHOT_FILE
 
     name, out = "tiny-restored-local", tmp_path / "out"
+    uri_with_secret = mlflow_server.replace("http://", "http://marker-user:MARKER-URI-PASSWORD@")
     command = [sys.executable, "-m", "pipelines.cli", "restore",
-               *restore_args(tiny_model("llama"), word_corpus, out, mlflow_server, name), "--ray.max_failures", "1"]
+               *restore_args(tiny_model("llama"), word_corpus, out, uri_with_secret, name), "--ray.max_failures", "1"]
     hooks = {"LINEARARD_FAIL_ONCE_AT_STEP": "3", "LINEARARD_KILL_DRIVER_AT_STEP": "4"}
     first = subprocess.Popen(command, cwd=REPO, env={**os.environ, **hooks}, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -126,6 +142,8 @@ def test_a_killed_job_resumes_in_its_output_folder(ray_cluster, mlflow_server, t
     assert f"{STEPS} steps" in proc.stdout and f"registered {name} version 1" in proc.stdout
     assert f"checkpoint record {record} is damaged" in proc.stderr
     assert "linearard restore: llama: 2 of 2 layers distilled; targets q_proj, k_proj, v_proj" in proc.stdout
+    printed = stderr + second.stdout + second.stderr + changed.stdout + changed.stderr + proc.stdout + proc.stderr
+    assert not leaked(["MARKER-URI-PASSWORD", ray_cluster["token"]], [out, mlflow_root], printed)
 
     tags = check_registered(mlflow_server, name, 4.0)
     assert tags["teacher"] == str(tiny_model("llama")) and tags["rope"] == "linear:4"
@@ -170,8 +188,8 @@ def test_a_diverging_run_stops_at_once_and_registers_nothing(ray_cluster, mlflow
     assert name not in registered_names(mlflow_server)
 
 
-def test_ard_then_cpt_restores_a_student_checkpoint_in_two_stages(ray_cluster, mlflow_server, tiny_model,
-                                                                  tiny_extended, word_corpus, tmp_path):
+def test_ard_then_cpt_restores_a_student_checkpoint_in_two_stages(ray_cluster, mlflow_server, mlflow_root,
+                                                                  tiny_model, tiny_extended, word_corpus, tmp_path):
     """The extended-model scenario: the student is its own checkpoint (RoPE in its config); two stages on one
     step axis; the registered model is that long-context model restored."""
     from mlflow.tracking import MlflowClient
@@ -180,9 +198,13 @@ def test_ard_then_cpt_restores_a_student_checkpoint_in_two_stages(ray_cluster, m
     args = restore_args(tiny_model("llama"), word_corpus, tmp_path / "out", mlflow_server, name, tiny_extended)
     args += ["--workers", "1", "--train.method", "ard+cpt", "--train.cpt_steps", "1", "--train.batch_size", "4",
              "--train.grad_accum", "1", "--train.checkpoint_every", "0"]
+    secrets = {"HF_TOKEN": "hf_MARKERHUBTOKEN", "MLFLOW_TRACKING_USERNAME": "marker-mlflow-user",
+               "MLFLOW_TRACKING_PASSWORD": "MARKER-MLFLOW-PASSWORD"}
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "restore", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=420)
+                          text=True, timeout=420, env={**os.environ, **secrets})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not leaked([secrets["HF_TOKEN"], secrets["MLFLOW_TRACKING_PASSWORD"], ray_cluster["token"]],
+                      [tmp_path / "out", mlflow_root], proc.stdout + proc.stderr)
     report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
     # 3 ARD steps of 4 x 32 tokens, then 1 CPT step of 1 x 128 (4n) tokens, the CPT stage from the ARD weights
     run = report["run"]
@@ -200,26 +222,58 @@ def test_ard_then_cpt_restores_a_student_checkpoint_in_two_stages(ray_cluster, m
     assert [int(m.step) for m in client.get_metric_history(tags["run_id"], "lm")] == [4]
 
 
-@pytest.mark.parametrize("case", ["bad_key", "bad_value", "missing_model", "missing_data"])
+def runs_of(uri: str, output: Path) -> list:
+    """The MLflow runs a restore into ``output`` opened."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("linearard")
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], f"params.`train.output_dir` = '{output}'")
+
+
+# case -> (what the command line adds, what the one error line must name). A few representatives of each kind of
+# check before Ray starts (the rest are tested on RunConfig / resolve / check_evaluation / pipelines.restore.check).
+BAD_INPUT = {
+    "bad_key": ([], "stepz"),
+    "bad_value": ([], "loss.q"),
+    "missing_model": (["--teacher", "{tmp}/no-such-model"], "no-such-model"),
+    "missing_data": (["--data.source", "{tmp}/no-such-corpus.jsonl"], "no-such-corpus"),
+    "truncated_weights": (["--teacher", "{tmp}/truncated"], "model.teacher: cannot read the weights"),
+    "null_text": (["--data.source", "{tmp}/null.jsonl"], "data.source: cannot read"),
+    "too_many_workers": (["--workers", "1000"], "ray.num_workers: 1000 workers"),
+    "no_tracking_server": (["--tracking-uri", "http://user:SECRET@127.0.0.1:9"],
+                           "tracking.uri: no MLflow server answers at http://***@127.0.0.1:9"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_fails_with_one_line(mlflow_server, tiny_model, word_corpus, tmp_path, case):
+    """Exit 2 in seconds with one line naming the cause: before Ray starts, nothing written, no MLflow run."""
+    import shutil
+    import time
+
     name = f"never-{case}"
     args = restore_args(tiny_model("llama"), word_corpus, tmp_path / "out", mlflow_server, name)
     config = tmp_path / "run.yaml"
     config.write_text({"bad_key": "train:\n  stepz: 3\n", "bad_value": "loss:\n  q: -1\n"}.get(case, "{}\n"))
-    if case == "missing_model":
-        args += ["--teacher", str(tmp_path / "no-such-model")]
-    if case == "missing_data":
-        args += ["--data.source", str(tmp_path / "no-such-corpus.jsonl")]
-    proc = subprocess.run([str(BIN / "linearard"), "restore", "--config", str(config), *args], cwd=tmp_path,
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_model("llama"), truncated)
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:1000])
+    (tmp_path / "null.jsonl").write_text('{"text": null}\n')
+    extra, expected = BAD_INPUT[case]
+    start = time.time()
+    proc = subprocess.run([str(BIN / "linearard"), "restore", "--config", str(config), *args,
+                           *(arg.format(tmp=tmp_path) for arg in extra)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("linearard restore: error: "), proc.stderr
-    expected = {"bad_key": "stepz", "bad_value": "loss.q", "missing_model": "no-such-model",
-                "missing_data": "no-such-corpus"}[case]
-    assert expected in lines[0]
-    assert name not in registered_names(mlflow_server)
+    assert expected in lines[0] and "SECRET" not in proc.stderr + proc.stdout, lines[0]
+    assert time.time() - start < 60  # seconds (imports included), not a Ray start and a worker's failure
+    assert name not in registered_names(mlflow_server) and not runs_of(mlflow_server, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written
 
 

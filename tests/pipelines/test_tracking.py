@@ -1,16 +1,58 @@
-"""MLflow tracking against a real server: step metrics each logged once and never blocking training (also when
-the server dies), and registration only on a finite evaluation; Ray's error wrappers peeled off to the cause."""
+"""MLflow tracking: the server checked before a run starts (one line within seconds, not minutes of MLflow
+retries); credentials in a tracking URI kept from MLflow's URI (which it prints and puts in its errors); step
+metrics each logged once and never blocking training (also when the server dies); registration only on a finite
+evaluation; Ray's error wrappers peeled off to the cause."""
 
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.tracking import StepLogger, check_evaluation
+from linearard.config import ConfigError
+from pipelines.tracking import StepLogger, check_server, client_uri, require_finite_evaluation
 from tests.conftest import running_mlflow_server
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_no_server_is_one_line_in_seconds():
+    with socket.socket() as silent:  # listens on loopback and never answers: the check times out
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        cases = [(f"http://127.0.0.1:{_closed_port()}", "Connection refused"),
+                 ("http://user:SECRET@no-such-host.invalid:5000",
+                  "no MLflow server answers at http://***@no-such-host.invalid:5000"),
+                 (f"http://127.0.0.1:{silent.getsockname()[1]}", "timed out")]
+        for uri, words in cases:
+            start = time.time()
+            with pytest.raises(ConfigError) as err:
+                check_server(uri, timeout=2.0)
+            message = str(err.value)
+            assert time.time() - start < 10 and message.startswith("tracking.uri: ") and words in message, message
+            assert "SECRET" not in message and "\n" not in message
+
+
+def test_a_server_or_a_local_store_passes(mlflow_server):
+    check_server(mlflow_server)
+    check_server(mlflow_server.replace("http://", "http://user:pw@"))  # /health needs no credentials
+    check_server("sqlite:///outputs/mlflow.db")
+
+
+def test_uri_credentials_go_to_mlflows_variables(monkeypatch):
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    assert client_uri("http://mlflow:5000") == "http://mlflow:5000" and "MLFLOW_TRACKING_USERNAME" not in os.environ
+    assert client_uri("https://alice:p%40ss@mlflow.example/prefix") == "https://mlflow.example/prefix"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", "p@ss")
 
 
 def test_step_metrics_are_logged_once_and_never_wait_for_the_server(tmp_path, capfd):
@@ -47,12 +89,12 @@ def test_registration_needs_a_finite_evaluation():
         return {"models": {"teacher": {"ppl": {"32": 3.0}, "passkey": {"32": 1.0}},
                            "restored": {"ppl": {"32": restored_ppl, "64": 2.5}, "passkey": {"32": 1.0}}}}
 
-    check_evaluation(report(3.1))
+    require_finite_evaluation(report(3.1))
     for value in (math.nan, math.inf):
         with pytest.raises(ValueError, match=f"not finite \\(restored ppl at 32 tokens: {value}\\): not registered"):
-            check_evaluation(report(value))
+            require_finite_evaluation(report(value))
     with pytest.raises(ValueError, match="the restored model was not evaluated"):
-        check_evaluation({"models": {"teacher": {"ppl": {"32": 3.0}}}})
+        require_finite_evaluation({"models": {"teacher": {"ppl": {"32": 3.0}}}})
 
 
 def test_a_ray_task_error_is_its_cause(ray_driver):
