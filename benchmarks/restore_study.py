@@ -63,6 +63,8 @@ ROWS = {
                                                  "--lora.target_modules", EVERY_LINEAR],
     "logits KD, lr 3e-4, LoRA on every linear": ["--train.method", "logits_kd", "--optim.lr", "3e-4",
                                                  "--lora.target_modules", EVERY_LINEAR],
+    "logits KD + LM at n, lr 3e-4": ["--train.method", "logits_kd", "--loss.lm", "1", "--optim.lr", "3e-4"],
+    "logits KD + LM at n, lr 1e-3": ["--train.method", "logits_kd", "--loss.lm", "1", "--optim.lr", "1e-3"],
     "ard + logits KD, lr 3e-4": ["--train.method", "ard", "--loss.logits_kd", "1", "--optim.lr", "3e-4"],
     "Q/K + logits KD, lr 3e-4": [*ATTENTION_KD, "--loss.v", "0", "--optim.lr", "3e-4"],
     "Q/K + V/V + logits KD, lr 3e-4": [*ATTENTION_KD, "--optim.lr", "3e-4"],
