@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 
 import torch
 
@@ -14,6 +15,12 @@ if not torch.cuda.is_available():
 # lm-eval), which read these once, so a stray hub call fails at once instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Ray token authentication for the whole session, set before any test module imports Ray: a process reads its
+# auth mode once, so a module that imports Ray at collection would otherwise talk to the token-auth head of
+# `ray_cluster` (and start any private local Ray) without a token. The token is what `ray get-auth-token
+# --generate` makes.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 import contextlib
 from pathlib import Path
@@ -208,23 +215,19 @@ def _wait_job_agent(dashboard: str, timeout: float = 120) -> None:
 def ray_cluster(tmp_path_factory):
     """A local Ray head with token authentication, shared by the session (`ray start --head --block`).
 
-    The token comes from `ray get-auth-token --generate` (run with a temporary HOME, so the user's ~/.ray is not
-    touched). For the session, os.environ gets RAY_ADDRESS, RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, so drivers
-    (`ray.init()`, `python -m pipelines.restore`, `ray job submit`) join this cluster. Yields
-    ``{"address", "dashboard", "token"}``; the head and everything it started are stopped at the end.
+    The token is the session's (RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, set when this file is imported). For the
+    session, os.environ also gets RAY_ADDRESS, so drivers (`ray.init()`, `python -m pipelines.restore`,
+    `ray job submit`) join this cluster. Yields ``{"address", "dashboard", "token"}``; the head and everything it
+    started are stopped at the end.
     """
     import os
     import subprocess
     import sys
 
     bin_dir = Path(sys.executable).parent
-    home = tmp_path_factory.mktemp("ray-home")
-    token = subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], env={**os.environ, "HOME": str(home)},
-                           capture_output=True, text=True, check=True).stdout.strip()
+    token = os.environ["RAY_AUTH_TOKEN"]
     port, dashboard_port = _free_port(), _free_port()
     env_updates = {
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": token,
         "RAY_ADDRESS": f"127.0.0.1:{port}",
         "RAY_USAGE_STATS_ENABLED": "0",
         "MLFLOW_DISABLE_TELEMETRY": "true",

@@ -129,7 +129,7 @@ def test_a_family_that_rejects_the_students_rope_type_is_one_line():
 
 
 def test_run_config_refuses_an_undefined_composition_in_one_line(tmp_path):
-    _llama31().save_pretrained(tmp_path)
+    AutoModelForCausalLM.from_config(_llama31()).save_pretrained(tmp_path)  # resolve reads the weights' headers
     base = [f"model.teacher={tmp_path}", "model.student=null", "model.tokenizer=" + str(_tokenizer_path())]
     with pytest.raises(ConfigError, match=r"^model.rope: linear cannot extend the teacher's llama3 RoPE") as err:
         resolve(RunConfig.from_yaml(None, [*base, "model.rope=linear:4", "data.ctx_len=128"]))
