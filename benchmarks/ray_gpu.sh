@@ -5,7 +5,12 @@
 #   2. a 7B-wide model (Llama-2-7B layer shapes, 2 layers, random weights written to disk), a short run, and
 #      the plain-process benchmarks/ard_step.py on the same shape in the same call (the Ray overhead).
 # Results go to $OUT (the job logs, results JSON). Needs ray[default,train,data] and mlflow importable
-# (PYTHONPATH) and `ray` on PATH; see benchmarks/results/README.md for how they were carried to the box.
+# (PYTHONPATH) and `ray` on PATH. The box has neither and no network: build the wheels here once with
+# `python benchmarks/gpu_wheels.py` (.whl/wheels.tar.xz, 36.3 MiB: ~50 MiB with the checkout, of the 64 a call),
+# then the `run` call carries [".whl"] and its command begins
+#  python3 benchmarks/gpu_wheels.py --install /tmp/site && export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH || exit;
+#  bash benchmarks/ray_gpu.sh
+# (benchmarks/results/README.md, "Ray and MLflow on the GPU box").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ray_gpu}; mkdir -p "$OUT"
