@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from linearard.config import ConfigError, EvalConfig, RunConfig
+from linearard.config import ConfigError, EvalConfig
 from linearard.evaluate import (check_evaluation, evaluate_models, lm_eval_scores, passkey_accuracy, passkey_example,
                                 perplexity, text_blocks)
-from linearard.plan import resolve
 from linearard.report import judge, write_report
 from linearard.tiny import bundled_corpus
+from tests.linearard.test_plan import plan_of_tiny_model
 
 N = 256  # the bundled model's native context
 
@@ -139,10 +139,8 @@ def test_lm_eval_without_the_extra_says_how_to_install(teacher, tokenizer, monke
 
 def _eval_plan(tiny_model, word_corpus, *overrides):
     """A plan for the tiny model (native 64) on the word corpus (40 documents of 40-200 words)."""
-    return resolve(RunConfig.from_yaml(None, [
-        "--model.teacher", str(tiny_model()), "--model.student", "null", "--model.rope", "linear:4",
-        "--data.ctx_len", "32", "--data.source", str(word_corpus), "--data.eval_fraction", "0.5",
-        "--eval.length_multipliers", "[1, 2]", *overrides]))
+    return plan_of_tiny_model(tiny_model, ["--data.source", str(word_corpus), "--data.eval_fraction", "0.5",
+                                           "--eval.length_multipliers", "[1, 2]", *overrides])
 
 
 @pytest.mark.parametrize("overrides, words", [

@@ -14,7 +14,8 @@ from linearard.config import ConfigError, RunConfig
 from linearard.plan import resolve, resolve_layers
 
 
-def _plan(tiny_model, overrides):
+def plan_of_tiny_model(tiny_model, overrides):
+    """A plan for the tiny llama (native 64) with RoPE ×4 and 32-token blocks, plus ``overrides``."""
     return resolve(RunConfig.from_yaml(None, ["--model.teacher", str(tiny_model()), "--model.student", "null",
                                               "--model.rope", "linear:4", "--data.ctx_len", "32", *overrides]))
 
@@ -36,7 +37,7 @@ def _plan(tiny_model, overrides):
 ])
 def test_bad_plans_one_line(tiny_model, overrides, words):
     with pytest.raises(ConfigError) as err:
-        _plan(tiny_model, overrides)
+        plan_of_tiny_model(tiny_model, overrides)
     message = str(err.value)
     assert words in message and "\n" not in message, message
 
@@ -73,7 +74,7 @@ def test_a_model_folder_that_cannot_load_is_refused(tiny_model, tmp_path, case, 
     """Found on the driver from the files (headers, not weights), not in a worker after Ray started."""
     folder = _broken_model(tiny_model, tmp_path / "model", case)
     with pytest.raises(ConfigError) as err:
-        _plan(tiny_model, ["--model.teacher", str(folder)])
+        plan_of_tiny_model(tiny_model, ["--model.teacher", str(folder)])
     message = str(err.value)
     assert words in message and "\n" not in message, message
     assert message.startswith("model.teacher: "), message
@@ -87,7 +88,7 @@ def test_a_broken_student_or_tokenizer_is_named(tiny_model, tiny_extended, tmp_p
         _student_plan(tiny_model(), student)
     tokenizer = _broken_model(tiny_model, tmp_path / "tokenizer", "no tokenizer")
     with pytest.raises(ConfigError, match="^model.tokenizer: no tokenizer loads from"):
-        _plan(tiny_model, ["--model.tokenizer", str(tokenizer)])
+        plan_of_tiny_model(tiny_model, ["--model.tokenizer", str(tokenizer)])
 
 
 def _lines(*rows):
@@ -130,7 +131,7 @@ def _corpus(folder, case):
 def test_a_corpus_that_cannot_train_is_refused_from_its_first_documents(tiny_model, tmp_path, case, words):
     source = _corpus(tmp_path, case)
     with pytest.raises(ConfigError) as err:
-        _plan(tiny_model, ["--data.source", str(source), "--data.eval_fraction", "0.9999"])
+        plan_of_tiny_model(tiny_model, ["--data.source", str(source), "--data.eval_fraction", "0.9999"])
     message = str(err.value)
     assert words in message and "\n" not in message, message
     assert message.startswith(("data.source: ", "data.eval_fraction ")), message
@@ -140,40 +141,40 @@ def test_longrope_factor_lists_must_have_one_factor_per_frequency(tiny_model, tm
     spec = tmp_path / "longrope.json"
     spec.write_text(json.dumps({"short_factor": [1.0] * 3, "long_factor": [4.0] * 3, "factor": 4.0}))
     with pytest.raises(ConfigError, match=r"model.rope: the LongRoPE short_factor must be a list of 4 finite"):
-        _plan(tiny_model, ["--model.rope", f"longrope:{spec}"])
+        plan_of_tiny_model(tiny_model, ["--model.rope", f"longrope:{spec}"])
     spec.write_text(json.dumps({"short_factor": [1.0] * 4, "long_factor": [4.0, 4.0, float("nan"), 4.0]}))
     with pytest.raises(ConfigError, match=r"the LongRoPE long_factor must be a list of 4 finite numbers > 0"):
-        _plan(tiny_model, ["--model.rope", f"longrope:{spec}"])
+        plan_of_tiny_model(tiny_model, ["--model.rope", f"longrope:{spec}"])
     spec.write_text(json.dumps({"short_factor": [1.0] * 4, "long_factor": [4.0] * 4, "factor": 4.0}))
-    assert _plan(tiny_model, ["--model.rope", f"longrope:{spec}"]).models.student_window == 256
+    assert plan_of_tiny_model(tiny_model, ["--model.rope", f"longrope:{spec}"]).models.student_window == 256
 
 
 def test_methods_are_presets_at_equal_tokens(tiny_model):
-    (default,) = _plan(tiny_model, []).stages  # the default: logits KD, at 3e-3 for a RoPE-only extension
+    (default,) = plan_of_tiny_model(tiny_model, []).stages  # the default: logits KD, at 3e-3 for a RoPE-only extension
     assert default.method == "logits_kd" and default.config.optim.lr == 3e-3 and default.config.loss.q == 0.0
     base = ["--train.batch_size", "8"]
-    ard = _plan(tiny_model, base + ["--train.method", "ard"]).stages
+    ard = plan_of_tiny_model(tiny_model, base + ["--train.method", "ard"]).stages
     assert ard[0].config.optim.lr == 3e-3 and (ard[0].config.loss.qk, ard[0].config.loss.logits_kd) == (0.0, 0.0)
-    (mine,) = _plan(tiny_model, base + ["--train.method", "ard", "--optim.lr", "1e-3"]).stages
+    (mine,) = plan_of_tiny_model(tiny_model, base + ["--train.method", "ard", "--optim.lr", "1e-3"]).stages
     assert mine.config.optim.lr == 1e-3  # the user's lr wins over the method's
     assert [s.method for s in ard] == ["ard"] and (ard[0].config.loss.q, ard[0].config.loss.lm) == (1.0, 0.0)
     # CPT reads 4n-token blocks (past the teacher's window of 64: allowed, no term reads the teacher there),
     # 4x fewer per step: the same tokens per step as ARD.
-    (cpt,) = _plan(tiny_model, base + ["--train.method", "cpt"]).stages
+    (cpt,) = plan_of_tiny_model(tiny_model, base + ["--train.method", "cpt"]).stages
     c = cpt.config
     assert (c.loss.q, c.loss.k, c.loss.v, c.loss.lm) == (0, 0, 0, 1.0) and not c.loss.reads_teacher
     assert (c.data.ctx_len, c.train.batch_size) == (128, 2)  # n = 32 as the user set it: 4n blocks
     assert c.data.ctx_len * c.train.batch_size == ard[0].config.data.ctx_len * ard[0].config.train.batch_size
-    (kd,) = _plan(tiny_model, base + ["--train.method", "logits_kd", "--loss.v", "3"]).stages  # the user's key wins
+    (kd,) = plan_of_tiny_model(tiny_model, base + ["--train.method", "logits_kd", "--loss.v", "3"]).stages  # the user's key wins
     assert (kd.config.loss.logits_kd, kd.config.loss.q, kd.config.loss.v) == (1.0, 0.0, 3.0)
-    (hidden,) = _plan(tiny_model, base + ["--train.method", "hidden_cosine"]).stages
+    (hidden,) = plan_of_tiny_model(tiny_model, base + ["--train.method", "hidden_cosine"]).stages
     assert hidden.config.loss.hidden_cosine == 1.0 and hidden.config.loss.q == 0.0
     with pytest.raises(ConfigError, match="longer than the teacher's native window"):  # ARD must stay at <= n
-        _plan(tiny_model, ["--data.ctx_len", "128"])
+        plan_of_tiny_model(tiny_model, ["--data.ctx_len", "128"])
     with pytest.raises(ConfigError, match="every term has weight 0"):
-        _plan(tiny_model, ["--loss.logits_kd", "0"])
+        plan_of_tiny_model(tiny_model, ["--loss.logits_kd", "0"])
 
-    both = _plan(tiny_model, base + ["--train.method", "ard+cpt", "--train.steps", "10"])
+    both = plan_of_tiny_model(tiny_model, base + ["--train.method", "ard+cpt", "--train.steps", "10"])
     first, second = both.stages
     assert (first.method, first.config.train.steps, first.config.data.ctx_len, first.config.loss.q) == ("ard", 8, 32, 1.0)
     assert (second.method, second.config.train.steps, second.config.data.ctx_len, second.config.loss.lm) == (
@@ -184,7 +185,7 @@ def test_methods_are_presets_at_equal_tokens(tiny_model):
 
 
 def test_resolves_once_and_travels_as_it_is(tiny_model, tmp_path):
-    plan = _plan(tiny_model, ["--model.rope", "yarn:4", "--loss.layers", "[-1]", "--train.output_dir",
+    plan = plan_of_tiny_model(tiny_model, ["--model.rope", "yarn:4", "--loss.layers", "[-1]", "--train.output_dir",
                               str(tmp_path / "out"), "--tracking.uri", "sqlite:///rel/mlflow.db"])
     assert plan.models.native_window == 64 and plan.models.num_layers == 2 and plan.models.student_window == 256
     assert plan.models.student_rope["rope_type"] == "yarn" and plan.models.student_rope["original_max_position_embeddings"] == 64
