@@ -21,6 +21,13 @@ import ray.data
 from linearard.config import RunConfig
 from linearard.data import PACK_MODES, decode_text, is_heldout, is_local_source, local_files, make_blocks
 
+# Logical CPUs of the data stage, light beside training. A cluster whose CPUs the training workers hold but one
+# (a 2-core `ray start --head`, one worker) must still stream: Ray Data's file listing takes a whole CPU, so the
+# tokenizer actors (alive for the whole run) ask for none and the read tasks for a share; with whole CPUs the
+# actor would hold the last one and wait forever for reads that cannot start.
+STAGE_CPUS = 0.25
+TOKENIZER_ACTOR_CPUS = 0
+
 
 def training_blocks(cfg: RunConfig, tokenizer: str, revision: str | None = None) -> ray.data.Dataset:
     """The training stream of a stage's config: documents outside the held-out split, cut into
@@ -86,6 +93,7 @@ def block_dataset(
         batch_size=documents_per_batch,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=tokenizer_actors),
+        num_cpus=TOKENIZER_ACTOR_CPUS,
     )
 
 
@@ -108,17 +116,19 @@ class _Blocker:
 def _read_local(source: str, text_field: str, seed: int | None) -> ray.data.Dataset:
     by_kind = local_files(source)
     shuffle = ray.data.FileShuffleConfig(seed=seed) if seed is not None else None
+    task = {"ray_remote_args": {"num_cpus": STAGE_CPUS}}
     parts = []
     if by_kind["json"]:
         # JSON_FILE_EXTENSIONS would skip .jsonl.gz's "gz" suffix check, so we pass the files ourselves.
-        ds = ray.data.read_json(by_kind["json"], lines=True, shuffle=shuffle, file_extensions=None)
+        ds = ray.data.read_json(by_kind["json"], lines=True, shuffle=shuffle, file_extensions=None, **task)
         parts.append(_text_column(ds, text_field))
     if by_kind["parquet"]:
-        ds = ray.data.read_parquet(by_kind["parquet"], shuffle=shuffle)
+        ds = ray.data.read_parquet(by_kind["parquet"], shuffle=shuffle, **task)
         parts.append(_text_column(ds, text_field))
     if by_kind["text"]:
-        ds = ray.data.read_binary_files(by_kind["text"], shuffle=shuffle, file_extensions=None)
-        parts.append(ds.map_batches(_decode_text, batch_format="numpy"))  # one file = one document
+        ds = ray.data.read_binary_files(by_kind["text"], shuffle=shuffle, file_extensions=None, **task)
+        # one file = one document
+        parts.append(ds.map_batches(_decode_text, batch_format="numpy", num_cpus=STAGE_CPUS))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
@@ -137,7 +147,8 @@ def _read_hub(name: str, split: str, text_field: str) -> ray.data.Dataset:
 def _text_column(ds: ray.data.Dataset, text_field: str) -> ray.data.Dataset:
     # Arrow out whatever the reader made (read_json(lines=True) gives pandas blocks): a union of sources, and
     # the tokenising stage after it, need one block type.
-    return ds.map_batches(_select_text, fn_kwargs={"field": text_field}, batch_format="pyarrow")
+    return ds.map_batches(_select_text, fn_kwargs={"field": text_field}, batch_format="pyarrow",
+                          num_cpus=STAGE_CPUS)
 
 
 def _outside_heldout(documents: ray.data.Dataset, fraction: float) -> ray.data.Dataset:
@@ -149,7 +160,7 @@ def _outside_heldout(documents: ray.data.Dataset, fraction: float) -> ray.data.D
         mask = [not is_heldout(text, fraction) for text in batch["text"].to_pylist()]
         return batch.filter(pa.array(mask, type=pa.bool_()))
 
-    return documents.map_batches(keep, batch_format="pyarrow")
+    return documents.map_batches(keep, batch_format="pyarrow", num_cpus=STAGE_CPUS)
 
 
 def _select_text(batch: Any, field: str) -> Any:

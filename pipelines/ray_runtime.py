@@ -1,4 +1,5 @@
 """Ray start-up and Ray errors, in one place: join the cluster the user named, or start a private local one;
+what it cannot host (``check_resources`` refuses it for a local Ray, ``warn_if_short`` says it for a cluster);
 the error behind Ray's wrappers (``root_cause``) and whether a retry can help (``is_deterministic``).
 
 ``ray.address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets for its driver) names a cluster to join;
@@ -9,6 +10,7 @@ without either, a private local Ray is started for this job, sized to the machin
 from __future__ import annotations
 
 import os
+import sys
 
 import ray
 import ray.exceptions
@@ -54,6 +56,20 @@ def check_resources(cfg: RayConfig) -> None:
     custom = sorted(set(per_worker) - {"CPU", "GPU", "memory"})
     if custom:
         raise ConfigError(f"ray.resources_per_worker: a local Ray has no {custom[0]!r} resource {local}")
+
+
+def warn_if_short(cfg: RayConfig) -> None:
+    """One line on stderr when the connected cluster, as it stands, cannot host the workers and the data stage
+    beside them (Ray Data's file listing takes a whole CPU): the job then waits for nodes an autoscaler may add,
+    or for ever on a fixed cluster."""
+    have = ray.cluster_resources()
+    per_worker = cfg.resources_per_worker
+    need = {"CPU": cfg.num_workers * per_worker.get("CPU", 1.0) + 1,
+            "GPU": cfg.num_workers * per_worker.get("GPU", 1.0) if cfg.use_gpu else 0.0}
+    if any(have.get(name, 0.0) < amount for name, amount in need.items()):
+        print(f"linearard: the Ray cluster has {have.get('CPU', 0.0):g} CPU and {have.get('GPU', 0.0):g} GPU; the "
+              f"{cfg.num_workers} workers and the data stage need {need['CPU']:g} CPU and {need['GPU']:g} GPU: the "
+              "job waits until nodes are added", file=sys.stderr, flush=True)
 
 
 # Errors that our code (or a library it calls) raises for its inputs: the same inputs raise them again, so a

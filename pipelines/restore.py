@@ -69,6 +69,7 @@ def run(plan: Plan) -> dict[str, Any]:
         run_id = tracking.open_run(plan, restore=True) if cfg.tracking.enabled else None
         try:
             ray_runtime.start(cfg.ray)
+            ray_runtime.warn_if_short(cfg.ray)
             # One bar in the console: the training steps' (rank 0's). Ray Data's per-operator bars of the
             # streaming read would interleave with it for the whole run.
             ray.data.DataContext.get_current().enable_progress_bars = False

@@ -103,3 +103,28 @@ def test_every_hub_read_honours_model_revision(tiny_model, tmp_path):
                            str(bundled_model_path())], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["259", "259"]  # v1's tokenizer (the bundled one), in both places
+
+
+def test_the_data_stage_fits_beside_workers_that_hold_all_cpus_but_one(ray_driver, tiny_model, corpus_files):
+    """A cluster whose CPUs the training workers hold but one (a 2-core `ray start --head` and one worker) still
+    streams: the read tasks and the tokenizer actor ask for a share of a CPU. Whole CPUs would wait on each other
+    there forever (the actor holds the last CPU and waits for reads that cannot start)."""
+    import threading
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from pipelines.data import block_dataset, read_documents
+
+    held = placement_group([{"CPU": ray.cluster_resources()["CPU"] - 1}])  # what the training workers would hold
+    ray.get(held.ready(), timeout=60)
+    rows = []
+    try:
+        docs = read_documents(str(corpus_files), text_field="body")
+        stream = block_dataset(docs, tokenizer=str(tiny_model("llama")), ctx_len=CTX)
+        reader = threading.Thread(target=lambda: rows.extend(stream.take(2)), daemon=True)
+        reader.start()
+        reader.join(timeout=120)
+        assert len(rows) == 2, "the data stage waited for CPUs the workers hold"
+    finally:
+        remove_placement_group(held)

@@ -37,3 +37,20 @@ def test_what_fits_or_goes_to_a_cluster_passes(monkeypatch):
     check_resources(RayConfig(address="ray://head:10001", num_workers=1000, use_gpu=True))
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     check_resources(RayConfig(num_workers=1000))
+
+
+def test_a_cluster_too_small_for_the_run_is_said_in_one_line(ray_driver, capsys):
+    import ray
+
+    from pipelines.ray_runtime import warn_if_short
+
+    cpus = ray.cluster_resources()["CPU"]
+    warn_if_short(RayConfig(num_workers=1))
+    assert capsys.readouterr().err == ""
+    # The workers take every CPU: Ray Data's file listing needs one more.
+    warn_if_short(RayConfig(num_workers=1, resources_per_worker={"CPU": cpus}))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"has {cpus:g} CPU" in err and f"need {cpus + 1:g} CPU" in err, err
+    if not torch.cuda.is_available():
+        warn_if_short(RayConfig(num_workers=1, use_gpu=True))
+        assert "need 2 CPU and 1 GPU" in capsys.readouterr().err
