@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         parts = [json.loads(Path(p).read_text()) for p in args.combine]
         reports = [report for part in parts for report in part["reports"]]
         merged = {**{k: v for k, v in parts[0].items() if k not in ("reports", "argv")},
-                  "runs": [part["argv"] for part in parts], "reports": reports}
+                  "runs": [run for part in parts for run in part.get("runs", [part.get("argv")])],
+                  "reports": reports}
         if args.out:
             write_json(Path(args.out), merged)
         print(table(sorted(reports, key=lambda r: (r["scenario"] != "extended", list(ROWS).index(r["row"])))))
