@@ -11,15 +11,16 @@
 #  [ -d .site/ray ] || python3 benchmarks/gpu_wheels.py --install .site || exit; export PYTHONPATH=$PWD/.site PATH=$PWD/.site/bin:$PATH;
 #  bash benchmarks/ray_gpu.sh
 # (benchmarks/results/README.md, "Ray and MLflow on the GPU box").
-# Checked on a CPU machine first (same commands, no GPU, a short default run, no 7B-wide part):
-#  USE_GPU=false FAIL_AT=8 DEFAULT_EXTRA="--train.steps 16 --train.checkpoint_every 4" PARTS=default \
-#    PATH=.venv/bin:$PATH PY=python bash benchmarks/ray_gpu.sh
+# Rehearsed on a CPU machine first (same commands, no GPU: a short default run, a narrow "wide" model, no ard_step):
+#  USE_GPU=false FAIL_AT=8 DEFAULT_EXTRA="--train.steps 16 --train.checkpoint_every 4" WIDE_DIMS="128 256 4" \
+#    PARTS="default wide-eager" PATH=.venv/bin:$PATH PY=python bash benchmarks/ray_gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ray_gpu}; mkdir -p "$OUT"
 PY=${PY:-python3}
 USE_GPU=${USE_GPU:-true} FAIL_AT=${FAIL_AT:-120} DEFAULT_EXTRA=${DEFAULT_EXTRA:-}
-PARTS=${PARTS:-"default wide-eager wide-compiled"}  # any of them, in this order (a call runs at most 10 minutes)
+PARTS=${PARTS:-"default wide-eager wide-compiled"}
+WIDE_DIMS=${WIDE_DIMS:-"4096 11008 32"}  # hidden, intermediate, heads of the 2-layer model (Llama-2-7B's)  # any of them, in this order (a call runs at most 10 minutes)
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 export RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(HOME=/tmp/rayhome ray get-auth-token --generate 2>/dev/null | tail -1)
@@ -65,30 +66,31 @@ fi
 # 2. a 7B-wide model: Llama-2-7B layer shapes, 2 layers, random weights on disk; short ARD runs at 4K, and the
 #    plain-process benchmark of the same shape and LoRA in the same call (the Ray overhead)
 if has wide-eager || has wide-compiled; then
-[ -f /tmp/wide7b/config.json ] || $PY - <<'PY'
-import torch
+[ -f /tmp/wide7b/config.json ] || $PY - $WIDE_DIMS <<'PY'
+import sys, torch
 from transformers import AutoModelForCausalLM, LlamaConfig
-config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+hidden, intermediate, heads = map(int, sys.argv[1:4])
+config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=heads,
+                     num_key_value_heads=heads, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
-with torch.device("cuda"):
+with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
 model.save_pretrained("/tmp/wide7b")
 PY
-WIDE_ARGS=(--model /tmp/wide7b --student none --rope linear:8 --model.tokenizer linearard/assets/tiny-llama
+WIDE_ARGS=(--teacher /tmp/wide7b --student none --rope linear:8 --method ard --model.tokenizer linearard/assets/tiny-llama
       --model.dtype bfloat16 --model.gradient_checkpointing true --lora.r 64 --lora.alpha 128 --data.ctx_len 4096
       --train.batch_size 1 --train.steps 12 --train.checkpoint_every 0 --optim.warmup_steps 0 --eval.ppl_tokens 4096
       --eval.length_multipliers "[1]" --eval.passkey_trials 0 --tracking.registered_model_name null)
 fi
 if has wide-eager; then
   submit wide-eager '{}' "${WIDE_ARGS[@]}" --output /tmp/run-wide-eager
-  $PY benchmarks/ard_step.py --models llama2-7b-2l --contexts 4096 --modes ard --lora-r 64 --steps 5 \
-    --out "$OUT/ard_step_wide.json" 2>&1 | tail -3
+  [ "$USE_GPU" = true ] && $PY benchmarks/ard_step.py --models llama2-7b-2l --contexts 4096 --modes ard --lora-r 64 \
+    --steps 5 --out "$OUT/ard_step_wide.json" 2>&1 | tail -3
 fi
 if has wide-compiled; then
   submit wide-compiled '{}' "${WIDE_ARGS[@]}" --train.compile true --output /tmp/run-wide-compiled
-  $PY benchmarks/ard_step.py --models llama2-7b-2l --contexts 4096 --modes ard --lora-r 64 --steps 5 --compile \
-    --out "$OUT/ard_step_wide_compiled.json" 2>&1 | tail -3
+  [ "$USE_GPU" = true ] && $PY benchmarks/ard_step.py --models llama2-7b-2l --contexts 4096 --modes ard --lora-r 64 \
+    --steps 5 --compile --out "$OUT/ard_step_wide_compiled.json" 2>&1 | tail -3
 fi
 $PY - <<'PY' 2>&1 | tee "$OUT/ray_tokens.txt"
 import statistics

@@ -341,8 +341,16 @@ def _preset(cfg: RunConfig, method: str, steps: int, forced: bool, rope_only: bo
 
 
 def _absolute_paths(cfg: RunConfig) -> RunConfig:
-    """A copy whose output folder and sqlite store are absolute (Ray tasks run in other folders)."""
+    """A copy whose local paths (models, tokenizer, corpus, restored model, output folder, sqlite store) are
+    absolute: Ray Train runs its workers in another folder. Hub ids, which name no local path, stay."""
+    def absolute(name_or_path: str | None) -> str | None:
+        path = Path(name_or_path).expanduser() if name_or_path else None
+        return str(path.resolve()) if path is not None and path.exists() else name_or_path
+
     cfg = copy.deepcopy(cfg)
+    m = cfg.model
+    m.teacher, m.student, m.tokenizer = absolute(m.teacher), absolute(m.student), absolute(m.tokenizer)
+    cfg.data.source, cfg.eval.restored = absolute(cfg.data.source), absolute(cfg.eval.restored)
     cfg.train.output_dir = str(Path(cfg.train.output_dir).expanduser().resolve())
     uri = cfg.tracking.uri
     if uri.startswith(SQLITE) and not uri[len(SQLITE):].startswith("/"):

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from linearard.checkpoint import TRAINABLE
-from linearard.config import ConfigError, RunConfig, redact
+from linearard.config import METHODS, ConfigError, RunConfig, TrainConfig, redact
 from linearard.plan import Plan, load_model_config, resolve
 
 COMMANDS = {
@@ -35,7 +35,7 @@ SHORTCUTS = {
     "student": ("model.student", "the extended model to restore: local path or hub id; none: the teacher's "
                                  "weights extended by --rope"),
     "rope": ("model.rope", "the student's RoPE, e.g. linear:8, yarn:4"),
-    "method": ("train.method", "ard (default) | cpt | logits_kd | hidden_cosine | ard+cpt"),
+    "method": ("train.method", f"{' | '.join(METHODS)} (default: {TrainConfig.method})"),
     "output": ("train.output_dir", "output folder: checkpoints, report, merged model"),
     "tracking_uri": ("tracking.uri", "MLflow tracking URI"),
     "address": ("ray.address", "Ray cluster address; default: RAY_ADDRESS or a private local Ray"),

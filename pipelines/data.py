@@ -116,17 +116,16 @@ class _Blocker:
 def _read_local(source: str, text_field: str, seed: int | None) -> ray.data.Dataset:
     by_kind = local_files(source)
     shuffle = ray.data.FileShuffleConfig(seed=seed) if seed is not None else None
-    task = {"ray_remote_args": {"num_cpus": STAGE_CPUS}}
     parts = []
     if by_kind["json"]:
         # JSON_FILE_EXTENSIONS would skip .jsonl.gz's "gz" suffix check, so we pass the files ourselves.
-        ds = ray.data.read_json(by_kind["json"], lines=True, shuffle=shuffle, file_extensions=None, **task)
+        ds = ray.data.read_json(by_kind["json"], lines=True, shuffle=shuffle, file_extensions=None, num_cpus=STAGE_CPUS)
         parts.append(_text_column(ds, text_field))
     if by_kind["parquet"]:
-        ds = ray.data.read_parquet(by_kind["parquet"], shuffle=shuffle, **task)
+        ds = ray.data.read_parquet(by_kind["parquet"], shuffle=shuffle, num_cpus=STAGE_CPUS)
         parts.append(_text_column(ds, text_field))
     if by_kind["text"]:
-        ds = ray.data.read_binary_files(by_kind["text"], shuffle=shuffle, file_extensions=None, **task)
+        ds = ray.data.read_binary_files(by_kind["text"], shuffle=shuffle, file_extensions=None, num_cpus=STAGE_CPUS)
         # one file = one document
         parts.append(ds.map_batches(_decode_text, batch_format="numpy", num_cpus=STAGE_CPUS))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])

@@ -196,6 +196,24 @@ def test_resolves_once_and_travels_as_it_is(tiny_model, tmp_path):
     assert pickle.loads(pickle.dumps(plan)) == plan
 
 
+def test_local_paths_travel_absolute(tiny_model, tmp_path, monkeypatch):
+    """Ray Train runs its workers in another folder: a model, tokenizer or corpus given relative to the driver's
+    folder reaches them absolute; a hub id stays as it is."""
+    from linearard.plan import _absolute_paths
+
+    shutil.copytree(tiny_model(), tmp_path / "base")
+    (tmp_path / "corpus.jsonl").write_text("\n".join(json.dumps({"text": "def f(x):\n    return x\n" * 40})
+                                                     for _ in range(20)))
+    monkeypatch.chdir(tmp_path)
+    plan = plan_of_tiny_model(lambda: "base", ["--model.tokenizer", "./base", "--data.source", "corpus.jsonl",
+                                               "--data.eval_fraction", "0"])
+    assert (plan.models.teacher, plan.models.student, plan.models.tokenizer) == (str(tmp_path / "base"),) * 3
+    assert plan.config.data.source == str(tmp_path / "corpus.jsonl")
+    hub = RunConfig.from_yaml(None, ["--model.teacher", "meta-llama/Llama-2-7b-hf", "--data.source", "emozilla/pg19"])
+    assert (_absolute_paths(hub).model.teacher, _absolute_paths(hub).data.source) == ("meta-llama/Llama-2-7b-hf",
+                                                                                      "emozilla/pg19")
+
+
 def test_resolve_layers():
     assert resolve_layers(None, 4, "k") == [0, 1, 2, 3]
     assert resolve_layers([-1, 0, 3], 4, "k") == [0, 3]

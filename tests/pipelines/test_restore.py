@@ -282,6 +282,10 @@ def test_cli_usage():
     assert proc.returncode == 2 and "unknown command 'frobnicate'" in proc.stderr
     proc = subprocess.run([str(BIN / "linearard"), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "restore" in proc.stdout and "evaluate" in proc.stdout
+    # The shortcut's help names every method and the config's default (it once named a default it no longer had)
+    proc = subprocess.run([str(BIN / "linearard"), "restore", "--help"], capture_output=True, text=True)
+    text = " ".join(proc.stdout.split())
+    assert proc.returncode == 0 and "logits_kd | ard | cpt | hidden_cosine | ard+cpt (default: logits_kd)" in text
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "cluster" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
