@@ -65,8 +65,9 @@ def run(plan: Plan) -> dict[str, Any]:
     cfg = plan.config
     with own_output(plan.output.root):
         check_rerun(plan)
+        rerun = plan.output.config_file.is_file()
         cfg.to_yaml(plan.output.config_file)
-        run_id = tracking.open_run(plan, restore=True) if cfg.tracking.enabled else None
+        run_id = tracking.open_run(plan, restore=True, rerun=rerun) if cfg.tracking.enabled else None
         try:
             ray_runtime.start(cfg.ray)
             ray_runtime.warn_if_short(cfg.ray)

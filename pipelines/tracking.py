@@ -81,11 +81,12 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
                           "give a local store such as sqlite:///outputs/mlflow.db") from None
 
 
-def open_run(plan: Plan, restore: bool = False) -> str:
+def open_run(plan: Plan, restore: bool = False, rerun: bool = False) -> str:
     """Open the job's MLflow run: params = the whole config, the config file as an artifact. Returns its id.
 
-    The restore job's run (``restore``) is tagged with its output folder, and a rerun into that folder continues
-    the folder's last run if it did not finish (a killed job), or raises ``ConfigError`` if it did."""
+    The restore job's run (``restore``) is tagged with its output folder. A rerun into a folder that holds a run
+    (``rerun``) continues the folder's last run if it did not finish (a killed job), or raises ``ConfigError`` if
+    it did; a folder made anew (none, or deleted since) starts a new run, whatever MLflow remembers of it."""
     cfg = plan.config
     uri = cfg.tracking.uri
     _use(uri)
@@ -98,7 +99,7 @@ def open_run(plan: Plan, restore: bool = False) -> str:
             location = (Path(uri[len(SQLITE):]).parent / "mlartifacts").resolve().as_uri()
         mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
     mlflow.set_experiment(cfg.tracking.experiment)
-    earlier = _output_run(experiment.experiment_id, plan.output.root) if restore and experiment else None
+    earlier = _output_run(experiment.experiment_id, plan.output.root) if rerun and experiment else None
     if earlier is not None:
         if earlier.info.status == "FINISHED":
             raise ConfigError(f"--output {plan.output.root} holds a finished run (MLflow run {earlier.info.run_id}):"

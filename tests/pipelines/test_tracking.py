@@ -112,3 +112,21 @@ def test_a_ray_task_error_is_its_cause(ray_driver):
         cause = root_cause(caught.value)
         assert type(cause) is kind and str(cause) == "the real error"
         assert is_deterministic(caught.value) == deterministic
+
+
+def test_a_deleted_output_folder_starts_a_new_run(mlflow_server, tiny_model, tmp_path):
+    """A rerun into a folder that holds a finished run is refused, and the refusal says to delete the folder:
+    once it is deleted, the next job opens a new MLflow run although MLflow remembers the folder's last one."""
+    from pipelines.tracking import OUTPUT_TAG, close_run, open_run
+    from tests.linearard.test_plan import plan_of_tiny_model
+
+    plan = plan_of_tiny_model(tiny_model, ["--tracking.uri", mlflow_server, "--tracking.experiment", "deleted-output",
+                                           "--train.output_dir", str(tmp_path / "out")])
+    first = open_run(plan, restore=True)
+    close_run(True)
+    with pytest.raises(ConfigError, match=f"holds a finished run \\(MLflow run {first}\\).*delete the folder"):
+        open_run(plan, restore=True, rerun=True)
+    second = open_run(plan, restore=True, rerun=False)  # the folder deleted, then made anew
+    close_run(True)
+    assert second != first and MlflowClient(mlflow_server).get_run(second).data.tags[OUTPUT_TAG] == \
+        str(tmp_path / "out")
