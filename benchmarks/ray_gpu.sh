@@ -30,6 +30,7 @@ wait_for() { for _ in $(seq 90); do get "$1" >/dev/null && return 0; sleep 1; do
 # waits on them forever; the GPU box has 16 cores)
 ray start --head --num-cpus $(( $(nproc) > 4 ? $(nproc) : 4 )) --num-gpus 1 --include-dashboard=true --dashboard-host 127.0.0.1 --disable-usage-stats >"$OUT/ray-head.log" 2>&1
 wait_for http://127.0.0.1:8265/api/version || exit 1
+pkill -f "mlflow server --host 127.0.0.1 --port 5055" && sleep 2  # a server left by an earlier call (warm box)
 setsid $PY -m mlflow server --host 127.0.0.1 --port 5055 --backend-store-uri sqlite:////tmp/mlflow.db \
   --artifacts-destination /tmp/mlartifacts --workers 1 >"$OUT/mlflow.log" 2>&1 &
 wait_for http://127.0.0.1:5055/health || exit 1
@@ -107,3 +108,4 @@ for run in client.search_runs(client.get_experiment_by_name("linearard").experim
 PY
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader 2>/dev/null
 ray stop >/dev/null 2>&1
+pkill -f "mlflow server --host 127.0.0.1 --port 5055"
