@@ -45,14 +45,11 @@ def shown(spec: str) -> str:
 @torch.inference_mode()
 def probe(model: torch.nn.Module, tokenizer, length: int, depths: list[float], trials: int) -> dict:
     """Exact retrieval, teacher-forced accuracy per answer token, and the digit share of the argmax answers."""
-    from linearard.evaluate import passkey_example
+    from linearard.evaluate import answer_argmax, passkey_example
 
     rng = random.Random(0)
     examples = [passkey_example(tokenizer, length, d, rng.randint(10000, 99999)) for d in depths for _ in range(trials)]
-    answer_len = examples[0][1]
-    ids = torch.stack([e[0] for e in examples])
-    predicted = model(input_ids=ids).logits[:, length - answer_len - 1:length - 1].argmax(-1)
-    gold = ids[:, length - answer_len:]
+    predicted, gold = answer_argmax(model, torch.stack([e[0] for e in examples]), examples[0][1])
     right = predicted == gold
     answers = [tokenizer.decode(row).strip() for row in predicted]
     return {"exact": right.all(-1).float().mean().item(), "per_token": right.float().mean(0).tolist(),

@@ -116,6 +116,15 @@ def passkey_example(tokenizer: Any, length: int, depth: float, key: int) -> tupl
 
 
 @torch.inference_mode()
+def answer_argmax(model: torch.nn.Module, ids: torch.Tensor, answer_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(predicted, answer)``, both ``[B, answer_len]``: the model's argmax at each answer position of passkey
+    sequences ``ids [B, T]`` (``passkey_example``'s), given the prompt and the answer so far, and the answer."""
+    length = ids.shape[1]
+    logits = model(input_ids=ids).logits[:, length - answer_len - 1:length - 1]
+    return logits.argmax(-1), ids[:, length - answer_len:]
+
+
+@torch.inference_mode()
 def passkey_accuracy(model: torch.nn.Module, tokenizer: Any, lengths: Sequence[int], depths: Sequence[float],
                      trials: int, seed: int = 0, batch_size: int = 8) -> dict[int, dict[float, float]]:
     """Passkey retrieval accuracy per (length, depth): the share of ``trials`` random 5-digit keys whose every
@@ -135,9 +144,8 @@ def passkey_accuracy(model: torch.nn.Module, tokenizer: Any, lengths: Sequence[i
         ids = torch.stack([e[0] for e in examples])
         correct = 0
         for start in range(0, trials, batch_size):
-            batch = ids[start:start + batch_size].to(device)
-            logits = model(input_ids=batch).logits[:, length - answer_len - 1:length - 1]
-            correct += (logits.argmax(-1) == batch[:, length - answer_len:]).all(-1).sum().item()
+            predicted, answer = answer_argmax(model, ids[start:start + batch_size].to(device), answer_len)
+            correct += (predicted == answer).all(-1).sum().item()
         grid.setdefault(length, {})[depth] = correct / trials
     return grid
 
